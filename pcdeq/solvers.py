@@ -1,0 +1,311 @@
+"""Fixed-point solvers for z = f(z), one registry, one stats record.
+
+Every solver has the signature ``solver(f, z0, *, tol, max_iter, stop_mode) -> (z, SolverStats)`` and runs
+without gradient tracking (callers wrap it in ``torch.no_grad()``). Loops are precision-agnostic: no dtype is
+hard-coded, the small constants come from ``torch.finfo`` of the iterate, so the same code serves float64
+tests, float32 training and reduced-precision experiments.
+
+Stopping rule: the relative step ``||z_{k+1} - z_k|| / (||z_{k+1}|| + eps)``.
+
+* ``stop_mode="sample"`` (default): the norm is taken per sample (dim 0 is the batch); the solve stops when
+  every sample is below ``tol``. Mean and max over the batch are reported.
+* ``stop_mode="batch"``: the reference implementation's criterion, one norm over the whole batch.
+
+A non-finite iterate ends the solve as a failure (``nonfinite=True``, ``converged=False``); hitting
+``max_iter`` is reported through ``converged=False`` and ``n_not_converged``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+FixedPointMap = Callable[[Tensor], Tensor]
+
+STOP_MODES = ("sample", "batch")
+REL_EPS = 1e-5  # the reference's denominator guard ||z|| + 1e-5
+
+
+@dataclass
+class SolverStats:
+    """What one solve did.
+
+    Attributes:
+        iters: number of applications of f performed.
+        residual_mean: final relative residual, mean over samples (equals max in batch mode).
+        residual_max: final relative residual, max over samples.
+        converged: every sample met the tolerance with finite values.
+        n_not_converged: samples above the tolerance at the end (all of them when non-finite).
+        nonfinite: a NaN or Inf appeared; the solve stopped there.
+        history: max residual after each iteration (used for the observed contraction ratio).
+    """
+
+    iters: int = 0
+    residual_mean: float = math.nan
+    residual_max: float = math.nan
+    converged: bool = False
+    n_not_converged: int = 0
+    nonfinite: bool = False
+    history: list[float] = field(default_factory=list)
+
+    def contraction_ratio(self, last: int = 3) -> float:
+        """Geometric mean of r_k / r_{k-1} over the last ``last`` iterations (nan when unavailable)."""
+        h = [r for r in self.history if r > 0 and math.isfinite(r)]
+        if len(h) < 2:
+            return math.nan
+        tail = h[-(last + 1):]
+        return (tail[-1] / tail[0]) ** (1.0 / (len(tail) - 1))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+def relative_residual(z_new: Tensor, z_old: Tensor, stop_mode: str = "sample") -> Tensor:
+    """Relative step per sample (shape [B]) or for the whole batch (shape [1])."""
+    if stop_mode == "batch":
+        num = (z_new - z_old).norm().reshape(1)
+        den = z_new.norm().reshape(1)
+    else:
+        diff = (z_new - z_old).flatten(1)
+        num = diff.norm(dim=1)
+        den = z_new.flatten(1).norm(dim=1)
+    return num / (den + REL_EPS)
+
+
+def _check_args(tol: float, max_iter: int, stop_mode: str) -> None:
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"solver tol must be a positive finite number, got {tol!r} (e.g. solver.tol=1e-4)")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"solver max_iter must be an integer >= 1, got {max_iter!r} (e.g. solver.max_iter=200)")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"unknown stop_mode {stop_mode!r}; valid choices: {', '.join(STOP_MODES)}")
+
+
+def _finish(stats: SolverStats, res: Tensor, tol: float, nonfinite: bool) -> SolverStats:
+    stats.nonfinite = nonfinite
+    if nonfinite:
+        stats.converged = False
+        stats.n_not_converged = int(res.numel()) if res.numel() > 1 else -1
+        stats.residual_mean = stats.residual_max = math.nan
+        return stats
+    stats.residual_mean = float(res.mean())
+    stats.residual_max = float(res.max())
+    bad = int((res > tol).sum())
+    stats.n_not_converged = bad if res.numel() > 1 else (-1 if bad else 0)
+    stats.converged = bad == 0
+    return stats
+
+
+def _batch_size(z: Tensor, stop_mode: str) -> int:
+    return z.shape[0] if stop_mode == "sample" else 1
+
+
+def fixed_point_iter(
+    f: FixedPointMap, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 200, stop_mode: str = "sample"
+) -> tuple[Tensor, SolverStats]:
+    """Plain (Picard) iteration z_{k+1} = f(z_k), the paper's solver.
+
+    Args:
+        f: the map whose fixed point is sought.
+        z0: starting point (its shape is the iterate's shape; dim 0 is the batch).
+        tol: tolerance on the relative step.
+        max_iter: maximum number of applications of f.
+        stop_mode: "sample" (every sample below tol) or "batch" (the reference's whole-batch norm).
+
+    Returns:
+        The last iterate and a :class:`SolverStats`.
+    """
+    _check_args(tol, max_iter, stop_mode)
+    stats = SolverStats()
+    z = z0
+    res = torch.full((_batch_size(z0, stop_mode),), math.inf, device=z0.device)
+    for k in range(1, max_iter + 1):
+        z_new = f(z)
+        res = relative_residual(z_new, z, stop_mode)
+        stats.iters = k
+        rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
+        if not (math.isfinite(rmax) and bool(torch.isfinite(z_new).all())):
+            return z_new, _finish(stats, res, tol, nonfinite=True)
+        stats.history.append(rmax)
+        z = z_new
+        if rmax <= tol:
+            break
+    return z, _finish(stats, res, tol, nonfinite=False)
+
+
+def anderson(
+    f: FixedPointMap,
+    z0: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    stop_mode: str = "sample",
+    m: int = 5,
+    lam: float = 1e-4,
+    beta: float = 1.0,
+) -> tuple[Tensor, SolverStats]:
+    """Anderson acceleration (type II) with memory ``m``, solved per sample.
+
+    Each iterate mixes the last ``m`` evaluations with coefficients that minimise the residual
+    ||G alpha|| subject to sum(alpha) = 1 (a small regularised KKT system per sample, ``lam`` is the
+    Tikhonov term, ``beta`` the damping). The stopping residual is the relative step of the plain map
+    at the current mixed point, so it is comparable with :func:`fixed_point_iter`.
+
+    Args:
+        f, z0, tol, max_iter, stop_mode: as in :func:`fixed_point_iter`.
+        m: history size.
+        lam: regularisation of the least-squares system.
+        beta: mixing parameter (1 = undamped).
+
+    Returns:
+        The last iterate and a :class:`SolverStats`.
+    """
+    _check_args(tol, max_iter, stop_mode)
+    if m < 1:
+        raise ValueError(f"anderson memory m must be >= 1, got {m}")
+    stats = SolverStats()
+    bsz, shape = z0.shape[0], z0.shape
+    n = z0[0].numel()
+    X = z0.new_zeros(bsz, m, n)  # past points
+    F = z0.new_zeros(bsz, m, n)  # f at past points
+    X[:, 0] = z0.reshape(bsz, -1)
+    F[:, 0] = f(z0).reshape(bsz, -1)
+    stats.iters = 1
+    z = F[:, 0].reshape(shape)
+    res = relative_residual(F[:, 0].reshape(shape), z0, stop_mode)
+    rmax = float(res.max())
+    if not math.isfinite(rmax) or not bool(torch.isfinite(z).all()):
+        return z, _finish(stats, res, tol, nonfinite=True)
+    stats.history.append(rmax)
+    if rmax <= tol or max_iter == 1:
+        return z, _finish(stats, res, tol, nonfinite=False)
+    X[:, 1] = F[:, 0]
+    F[:, 1] = f(X[:, 1].reshape(shape)).reshape(bsz, -1)
+    stats.iters = 2
+    k = 2
+    while True:
+        # The residual of the newest point decides whether to stop.
+        newest = (k - 1) % m
+        x_k, f_k = X[:, newest].reshape(shape), F[:, newest].reshape(shape)
+        res = relative_residual(f_k, x_k, stop_mode)
+        rmax = float(res.max())
+        if not math.isfinite(rmax) or not bool(torch.isfinite(f_k).all()):
+            return f_k, _finish(stats, res, tol, nonfinite=True)
+        stats.history.append(rmax)
+        if rmax <= tol or k >= max_iter:
+            return f_k, _finish(stats, res, tol, nonfinite=False)
+        n_hist = min(k, m)
+        G = F[:, :n_hist] - X[:, :n_hist]  # [B, n_hist, n]
+        H = torch.zeros(bsz, n_hist + 1, n_hist + 1, dtype=z0.dtype, device=z0.device)
+        H[:, 0, 1:] = H[:, 1:, 0] = 1
+        H[:, 1:, 1:] = torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(n_hist, dtype=z0.dtype, device=z0.device)
+        y = torch.zeros(bsz, n_hist + 1, 1, dtype=z0.dtype, device=z0.device)
+        y[:, 0] = 1
+        alpha = torch.linalg.solve(H, y)[:, 1:, 0]  # [B, n_hist]
+        slot = k % m
+        mixed = beta * (alpha[:, None] @ F[:, :n_hist])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n_hist])[:, 0]
+        X[:, slot] = mixed
+        F[:, slot] = f(mixed.reshape(shape)).reshape(bsz, -1)
+        k += 1
+        stats.iters = k
+
+
+SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
+    "fixed_point": fixed_point_iter,
+    "anderson": anderson,
+}
+
+
+def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverStats]]) -> None:
+    """Make ``fn`` available by name (signature as :func:`fixed_point_iter`)."""
+    SOLVERS[name] = fn
+
+
+def get_solver(name: str) -> Callable[..., tuple[Tensor, SolverStats]]:
+    """Look a solver up by name; the error lists the valid names."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; valid choices: {', '.join(sorted(SOLVERS))}") from None
+
+
+@dataclass
+class SolverConfig:
+    """Forward and backward solver settings, set independently.
+
+    Attributes:
+        fwd_solver / bwd_solver: registry names ("fixed_point", "anderson").
+        fwd_tol / bwd_tol: tolerance on the relative step.
+        fwd_max_iter / bwd_max_iter: iteration caps.
+        stop_mode: "sample" (per-sample residual) or "batch" (the reference's whole-batch criterion).
+    """
+
+    fwd_solver: str = "fixed_point"
+    fwd_tol: float = 1e-4
+    fwd_max_iter: int = 200
+    bwd_solver: str = "fixed_point"
+    bwd_tol: float = 1e-4
+    bwd_max_iter: int = 200
+    stop_mode: str = "sample"
+
+    def __post_init__(self) -> None:
+        for which in ("fwd", "bwd"):
+            get_solver(getattr(self, f"{which}_solver"))
+            tol, max_iter = getattr(self, f"{which}_tol"), getattr(self, f"{which}_max_iter")
+            if isinstance(max_iter, float) and max_iter.is_integer():
+                max_iter = int(max_iter)
+                setattr(self, f"{which}_max_iter", max_iter)
+            try:
+                _check_args(tol, max_iter, self.stop_mode)
+            except ValueError as e:
+                raise ValueError(f"{which} {e}") from None
+
+    def solve(self, which: str, f: FixedPointMap, z0: Tensor) -> tuple[Tensor, SolverStats]:
+        """Run the forward ("fwd") or backward ("bwd") solver on f from z0."""
+        solver = get_solver(getattr(self, f"{which}_solver"))
+        return solver(
+            f, z0, tol=getattr(self, f"{which}_tol"), max_iter=getattr(self, f"{which}_max_iter"),
+            stop_mode=self.stop_mode,
+        )
+
+
+def collect_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Summarise the last solves of every equilibrium layer in ``model``.
+
+    Convention shared by all model families: an equilibrium module keeps ``last_stats``, a dict with
+    ``"forward"`` (set by its forward pass) and ``"backward"`` (set by its implicit backward) mapping to a
+    :class:`SolverStats`. Iterations are averaged over layers (a multi-block network reports the mean
+    solve length and the max over layers); residuals are maxed; non-converged counts are summed.
+
+    Returns:
+        ``{"forward": {...}, "backward": {...}}`` with keys iters, iters_max, residual_mean, residual_max,
+        n_not_converged, nonfinite, contraction; a direction without any solve is omitted.
+    """
+    out: dict[str, dict[str, float]] = {}
+    per_dir: dict[str, list[SolverStats]] = {"forward": [], "backward": []}
+    for mod in model.modules():
+        last = getattr(mod, "last_stats", None)
+        if not isinstance(last, dict):
+            continue
+        for key in per_dir:
+            if isinstance(last.get(key), SolverStats):
+                per_dir[key].append(last[key])
+    for key, items in per_dir.items():
+        if not items:
+            continue
+        out[key] = {
+            "iters": sum(s.iters for s in items) / len(items),
+            "iters_max": float(max(s.iters for s in items)),
+            "residual_mean": max(s.residual_mean for s in items),
+            "residual_max": max(s.residual_max for s in items),
+            "n_not_converged": float(sum(max(s.n_not_converged, 0) for s in items)),
+            "nonfinite": float(any(s.nonfinite for s in items)),
+            "contraction": max(s.contraction_ratio() for s in items),
+        }
+    return out
