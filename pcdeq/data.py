@@ -1,0 +1,409 @@
+"""Datasets: their specs (shape, classes, normalisation) and the Lightning data module.
+
+The specs are the single source of input shapes for the architecture builders and synthetic data.
+``EquilibriumDataModule`` serves every dataset name through one class: a small table (``_SOURCES``) maps each
+name to the files it needs on disk and a function that loads its train or test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, random_split
+from torchvision import datasets, transforms
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static facts about one dataset name.
+
+    Attributes:
+        shape: input shape (C, H, W).
+        num_classes: number of labels.
+        mean, std: per-channel normalisation (reference values).
+        augment: random crop (padding 4) + horizontal flip on the training set.
+    """
+
+    shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+DATASET_SPECS: dict[str, DatasetSpec] = {
+    # scikit-learn's 8x8 handwritten digits, pixel values scaled from 0..16 to [0, 1];
+    # mean / std measured on the fixed 1437-image training split
+    "digits": DatasetSpec((1, 8, 8), 10, (0.3054,), (0.3761,)),
+    "mnist": DatasetSpec((1, 28, 28), 10, (0.1307,), (0.3081,)),
+    "svhn": DatasetSpec((3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "cifar10": DatasetSpec((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD),
+    "cifar10_aug": DatasetSpec((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD, augment=True),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """Spec of a dataset by name.
+
+    Args:
+        name: a key of ``DATASET_SPECS``.
+
+    Returns:
+        The dataset's spec.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid names.
+    """
+    try:
+        return DATASET_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASET_SPECS)}") from None
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are not on disk and could not be downloaded."""
+
+
+class _TensorImages(Dataset):
+    """Images already held as a float tensor [N, C, H, W] with int64 labels (digits, synthetic data).
+
+    ``transform`` acts on one image tensor, as the torchvision datasets' ``transform`` acts on one PIL image.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        # int labels, as the torchvision datasets return them, so batches collate the same way
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR10 with the local files checked for presence instead of md5.
+
+    torchvision compares the md5 of each batch file (``_check_integrity``) and of ``batches.meta``
+    (``_load_meta``) with the official release before reading them, so no other file in the same format
+    (such as the small files the tests write) can be loaded. With ``md5=None``, torchvision's
+    ``check_integrity`` is a plain existence test. A damaged file still fails when it is unpickled or
+    reshaped, and a download still checks the archive against ``tgz_md5``.
+    """
+
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+class _SVHNFiles(datasets.SVHN):
+    """torchvision's SVHN with the local ``.mat`` file checked for presence instead of md5.
+
+    torchvision's SVHN refuses a ``.mat`` file whose md5 differs from the official one; past that check it
+    reads the file with ``scipy.io.loadmat`` and maps label 10 to digit 0, which is kept as is. A download
+    (``download_url``) still verifies the md5 of the file it fetches.
+    """
+
+    def _check_integrity(self) -> bool:
+        return os.path.isfile(os.path.join(self.root, self.filename))
+
+
+def _load_digits(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
+    # scikit-learn ships this dataset, so root and download are unused
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # fixed stratified split, so that every run and every model sees the same 1437 / 360 images
+    x_train, x_test, y_train, y_test = train_test_split(
+        bunch.images, bunch.target, test_size=360, stratify=bunch.target, random_state=0
+    )
+    x, y = (x_train, y_train) if train else (x_test, y_test)
+    images = torch.from_numpy(x).float().div(16.0).unsqueeze(1)  # pixels 0..16 -> [0, 1], shape N x 1 x 8 x 8
+    return _TensorImages(images, torch.from_numpy(y).long(), transform)
+
+
+def _load_mnist(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
+    return datasets.MNIST(root, train=train, download=download, transform=transform)
+
+
+def _load_svhn(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
+    # the "extra" split is deliberately unused: training reads the "train" split only
+    return _SVHNFiles(root, split="train" if train else "test", download=download, transform=transform)
+
+
+def _load_cifar10(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
+    return _CIFAR10Files(root, train=train, download=download, transform=transform)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a dataset comes from.
+
+    Attributes:
+        load: (root, train, download, transform) -> dataset of (image, label).
+        files: paths relative to the data directory that must exist; empty when nothing is read from disk.
+        pil: whether ``load`` yields PIL images (they need ``ToTensor``) rather than tensors.
+    """
+
+    load: Callable[[str, bool, bool, Callable | None], Dataset]
+    files: tuple[str, ...] = ()
+    pil: bool = True
+
+
+_CIFAR_FILES = tuple(
+    f"cifar-10-batches-py/{name}"
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+)
+_SOURCES: dict[str, _Source] = {
+    "digits": _Source(_load_digits, pil=False),
+    "mnist": _Source(
+        _load_mnist,
+        tuple(
+            f"MNIST/raw/{split}-{kind}"
+            for split in ("train", "t10k")
+            for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+        ),
+    ),
+    "svhn": _Source(_load_svhn, ("train_32x32.mat", "test_32x32.mat")),
+    "cifar10": _Source(_load_cifar10, _CIFAR_FILES),
+    "cifar10_aug": _Source(_load_cifar10, _CIFAR_FILES),
+}
+
+
+class EquilibriumDataModule(L.LightningDataModule):
+    """Train / validation / test loaders for one dataset name of ``DATASET_SPECS``.
+
+    Files are read from ``data_dir`` in each dataset's usual torchvision layout. They are downloaded only by
+    ``prepare_data`` and only when ``download`` is true; missing files raise ``DataNotFoundError``.
+    Synthetic data is served only when ``synthetic`` is true, never in place of missing files.
+
+    Args:
+        name: dataset name (a key of ``DATASET_SPECS``).
+        data_dir: directory holding the dataset files.
+        batch_size: training batch size.
+        eval_batch_size: validation / test batch size; defaults to ``batch_size``.
+        download: allow ``prepare_data`` to download missing files.
+        synthetic: serve random images of the dataset's shape instead of the real data.
+        synthetic_size: (train, test) sizes of the synthetic data.
+        normalize: apply ``Normalize(spec.mean, spec.std)`` after scaling pixels to [0, 1].
+        val_size: number of training samples held out for validation (0: no validation).
+        num_workers: DataLoader worker processes.
+        seed: seeds the synthetic data, the validation split and the training shuffle.
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | os.PathLike[str] = "data",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        download: bool = True,
+        synthetic: bool = False,
+        synthetic_size: tuple[int, int] = (1024, 256),
+        normalize: bool = True,
+        val_size: int = 0,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spec = get_spec(name)  # ValueError listing the valid names
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        self.save_hyperparameters()
+        self.name = name
+        self.num_classes = self.spec.num_classes
+        self.input_shape = self.spec.shape
+        self.data_dir = os.path.expanduser(os.fspath(data_dir))
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.download = download
+        self.synthetic = synthetic
+        self.synthetic_size = tuple(synthetic_size)
+        self.normalize = normalize
+        self.val_size = val_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self._source = _SOURCES[name]
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ---------------------------------------------------------------- files
+
+    def missing_files(self) -> list[str]:
+        """Expected files that are not in ``data_dir`` (none for digits or synthetic data).
+
+        Returns:
+            Paths relative to ``data_dir``.
+        """
+        if self.synthetic:
+            return []
+        return [f for f in self._source.files if not os.path.isfile(os.path.join(self.data_dir, f))]
+
+    def _not_found(self, reason: str) -> DataNotFoundError:
+        missing = self.missing_files()
+        return DataNotFoundError(
+            f"{self.name} data not found in {os.path.abspath(self.data_dir)} ({reason}).\n"
+            f"  missing: {', '.join(missing)}\n"
+            "  fix: run once online with dataset.download=true, or point paths.data_dir=... "
+            "(or the env var PCDEQ_DATA_DIR) at a directory holding these files, "
+            "or use dataset.synthetic=true for a smoke run on random data."
+        )
+
+    def prepare_data(self) -> None:
+        """Download the dataset if files are missing and ``download`` is true.
+
+        Raises:
+            DataNotFoundError: files are missing and downloading is off or fails.
+        """
+        if not self.missing_files():
+            return
+        if not self.download:
+            raise self._not_found("download=False")
+        try:
+            for train in (True, False):  # SVHN fetches one file per split
+                self._source.load(self.data_dir, train, True, None)
+        except Exception as err:  # offline, torchvision raises URLError, RuntimeError, socket errors...
+            summary = " ".join(str(err).split())  # torchvision's mirror report spans several lines
+            raise self._not_found(f"download failed: {type(err).__name__}: {summary}") from None
+        if self.missing_files():
+            raise self._not_found("download finished but files are still missing")
+
+    # ---------------------------------------------------------------- datasets
+
+    def _transform(self, train: bool) -> Callable | None:
+        steps: list[Callable] = []
+        if self._source.pil and not self.synthetic:
+            steps.append(transforms.ToTensor())  # uint8 PIL image -> float CHW in [0, 1]
+        if train and self.spec.augment:
+            # before normalising, so that the 4-pixel padding is black as in the usual CIFAR recipe
+            steps += [
+                transforms.RandomCrop(self.input_shape[1:], padding=4),
+                transforms.RandomHorizontalFlip(),
+            ]
+        if self.normalize:
+            steps.append(transforms.Normalize(self.spec.mean, self.spec.std))
+        return transforms.Compose(steps) if steps else None
+
+    def _synthetic(self, train: bool, transform: Callable | None) -> Dataset:
+        # train and test come from one generator, so the pair is fixed by the seed; both are tiny to draw
+        generator = torch.Generator().manual_seed(self.seed)
+        parts = []
+        for n in self.synthetic_size:
+            images = torch.rand((n, *self.input_shape), generator=generator)  # pixel-like values in [0, 1)
+            labels = torch.randint(self.num_classes, (n,), generator=generator)
+            parts.append(_TensorImages(images, labels, transform))
+        return parts[0 if train else 1]
+
+    def _load(self, train: bool) -> Dataset:
+        transform = self._transform(train)
+        if self.synthetic:
+            return self._synthetic(train, transform)
+        if self.missing_files():
+            raise self._not_found("call prepare_data() with download=True to fetch them")
+        return self._source.load(self.data_dir, train, False, transform)
+
+    def _split(self, full: Dataset) -> tuple[Dataset, Dataset | None]:
+        if self.val_size == 0:
+            return full, None
+        n = len(full)
+        if self.val_size >= n:
+            raise ValueError(
+                f"val_size={self.val_size} leaves no training data ({self.name} has {n} training samples)"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        train, val = random_split(full, [n - self.val_size, self.val_size], generator=generator)
+        if self.spec.augment:
+            # the held-out part is scored like test data, so it must not get the training crop/flip;
+            # a shallow copy shares the loaded arrays and only swaps the transform
+            plain = copy.copy(full)
+            plain.transform = self._transform(train=False)
+            val = Subset(plain, val.indices)
+        return train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits a stage needs (all of them when ``stage`` is None); repeated calls reuse them.
+
+        Args:
+            stage: Lightning stage: "fit", "validate", "test", "predict" or None.
+        """
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self.train_set, self.val_set = self._split(self._load(train=True))
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._load(train=False)
+
+    # ---------------------------------------------------------------- loaders
+
+    def _loader(self, dataset: Dataset | None, stage: str, train: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for its dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            # a fresh seeded generator per fit: the order of the epochs is fixed by `seed`
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (seeded by ``seed``).
+
+        Returns:
+            The training DataLoader.
+        """
+        return self._loader(self.train_set, "fit", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches of the held-out training samples.
+
+        Returns:
+            The validation DataLoader, or an empty list when ``val_size`` is 0 (Lightning then skips
+            validation).
+        """
+        if self.val_size == 0:
+            return []
+        return self._loader(self.val_set, "validate")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in file order.
+
+        Returns:
+            The test DataLoader.
+        """
+        return self._loader(self.test_set, "test")
+
+
+def dataset_summary(dm: EquilibriumDataModule) -> str:
+    """One line describing the loaded splits, for progress output.
+
+    Args:
+        dm: a data module (sizes are shown for the splits ``setup`` has loaded).
+
+    Returns:
+        e.g. ``"mnist: train 60000, test 10000 | 1x28x28, 10 classes, normalised | data/"``.
+    """
+    splits = (("train", dm.train_set), ("val", dm.val_set), ("test", dm.test_set))
+    sizes = ", ".join(f"{key} {len(ds)}" for key, ds in splits if ds is not None) or "not set up"
+    shape = "x".join(map(str, dm.input_shape))
+    norm = "normalised" if dm.normalize else "raw [0, 1]"
+    if dm.synthetic:
+        origin = f"synthetic (seed {dm.seed})"
+    else:
+        origin = os.path.abspath(dm.data_dir) if dm._source.files else "bundled with scikit-learn"
+    return f"{dm.name}: {sizes} | {shape}, {dm.num_classes} classes, {norm} | {origin}"
