@@ -78,26 +78,34 @@ def relative_residual(z_new: Tensor, z_old: Tensor, stop_mode: str = "sample") -
     return num / (den + REL_EPS)
 
 
-def _check_args(tol: float, max_iter: int, stop_mode: str) -> None:
+def check_solver_args(tol: float, max_iter: int, stop_mode: str, key: str = "") -> None:
+    """Validate solver settings; ``key`` prefixes the names in the message (e.g. "solver.fwd_")."""
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"solver tol must be a positive finite number, got {tol!r} (e.g. solver.tol=1e-4)")
+        raise ValueError(f"{key}tol must be a positive finite number, got {tol!r} (e.g. {key}tol=1e-4)")
     if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"solver max_iter must be an integer >= 1, got {max_iter!r} (e.g. solver.max_iter=200)")
+        raise ValueError(f"{key}max_iter must be an integer >= 1, got {max_iter!r} (e.g. {key}max_iter=200)")
     if stop_mode not in STOP_MODES:
         raise ValueError(f"unknown stop_mode {stop_mode!r}; valid choices: {', '.join(STOP_MODES)}")
 
 
-def _finish(stats: SolverStats, res: Tensor, tol: float, nonfinite: bool) -> SolverStats:
+def finish_stats(
+    stats: SolverStats, res: Tensor, tol: float, nonfinite: bool, per_sample: bool | None = None
+) -> SolverStats:
+    # per_sample should come from stop_mode, not from res.numel(): a per-sample solve of a batch of ONE must
+    # count its sample (1); only the whole-batch rule has no per-sample count (-1 when not converged).
+    # None keeps the old numel-based guess for callers outside this module (pcdeq.mondeq.splitting).
+    if per_sample is None:
+        per_sample = res.numel() > 1
     stats.nonfinite = nonfinite
     if nonfinite:
         stats.converged = False
-        stats.n_not_converged = int(res.numel()) if res.numel() > 1 else -1
+        stats.n_not_converged = int(res.numel()) if per_sample else -1
         stats.residual_mean = stats.residual_max = math.nan
         return stats
     stats.residual_mean = float(res.mean())
     stats.residual_max = float(res.max())
     bad = int((res > tol).sum())
-    stats.n_not_converged = bad if res.numel() > 1 else (-1 if bad else 0)
+    stats.n_not_converged = bad if per_sample else (-1 if bad else 0)
     stats.converged = bad == 0
     return stats
 
@@ -121,7 +129,7 @@ def fixed_point_iter(
     Returns:
         The last iterate and a :class:`SolverStats`.
     """
-    _check_args(tol, max_iter, stop_mode)
+    check_solver_args(tol, max_iter, stop_mode)
     stats = SolverStats()
     z = z0
     res = torch.full((_batch_size(z0, stop_mode),), math.inf, device=z0.device)
@@ -131,12 +139,12 @@ def fixed_point_iter(
         stats.iters = k
         rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
         if not (math.isfinite(rmax) and bool(torch.isfinite(z_new).all())):
-            return z_new, _finish(stats, res, tol, nonfinite=True)
+            return z_new, finish_stats(stats, res, tol, nonfinite=True, per_sample=stop_mode == "sample")
         stats.history.append(rmax)
         z = z_new
         if rmax <= tol:
             break
-    return z, _finish(stats, res, tol, nonfinite=False)
+    return z, finish_stats(stats, res, tol, nonfinite=False, per_sample=stop_mode == "sample")
 
 
 def anderson(
@@ -166,9 +174,9 @@ def anderson(
     Returns:
         The last iterate and a :class:`SolverStats`.
     """
-    _check_args(tol, max_iter, stop_mode)
-    if m < 1:
-        raise ValueError(f"anderson memory m must be >= 1, got {m}")
+    check_solver_args(tol, max_iter, stop_mode)
+    if m < 2:  # the start-up below writes history slot 1, so m = 1 would index out of range
+        raise ValueError(f"anderson memory m must be >= 2, got {m}")
     stats = SolverStats()
     bsz, shape = z0.shape[0], z0.shape
     n = z0[0].numel()
@@ -181,10 +189,10 @@ def anderson(
     res = relative_residual(F[:, 0].reshape(shape), z0, stop_mode)
     rmax = float(res.max())
     if not math.isfinite(rmax) or not bool(torch.isfinite(z).all()):
-        return z, _finish(stats, res, tol, nonfinite=True)
+        return z, finish_stats(stats, res, tol, nonfinite=True, per_sample=stop_mode == "sample")
     stats.history.append(rmax)
     if rmax <= tol or max_iter == 1:
-        return z, _finish(stats, res, tol, nonfinite=False)
+        return z, finish_stats(stats, res, tol, nonfinite=False, per_sample=stop_mode == "sample")
     X[:, 1] = F[:, 0]
     F[:, 1] = f(X[:, 1].reshape(shape)).reshape(bsz, -1)
     stats.iters = 2
@@ -196,10 +204,10 @@ def anderson(
         res = relative_residual(f_k, x_k, stop_mode)
         rmax = float(res.max())
         if not math.isfinite(rmax) or not bool(torch.isfinite(f_k).all()):
-            return f_k, _finish(stats, res, tol, nonfinite=True)
+            return f_k, finish_stats(stats, res, tol, nonfinite=True, per_sample=stop_mode == "sample")
         stats.history.append(rmax)
         if rmax <= tol or k >= max_iter:
-            return f_k, _finish(stats, res, tol, nonfinite=False)
+            return f_k, finish_stats(stats, res, tol, nonfinite=False, per_sample=stop_mode == "sample")
         n_hist = min(k, m)
         G = F[:, :n_hist] - X[:, :n_hist]  # [B, n_hist, n]
         H = torch.zeros(bsz, n_hist + 1, n_hist + 1, dtype=z0.dtype, device=z0.device)
@@ -261,10 +269,7 @@ class SolverConfig:
             if isinstance(max_iter, float) and max_iter.is_integer():
                 max_iter = int(max_iter)
                 setattr(self, f"{which}_max_iter", max_iter)
-            try:
-                _check_args(tol, max_iter, self.stop_mode)
-            except ValueError as e:
-                raise ValueError(f"{which} {e}") from None
+            check_solver_args(tol, max_iter, self.stop_mode, key=f"solver.{which}_")
 
     def solve(self, which: str, f: FixedPointMap, z0: Tensor) -> tuple[Tensor, SolverStats]:
         """Run the forward ("fwd") or backward ("bwd") solver on f from z0."""

@@ -1,0 +1,282 @@
+"""monDEQ models (fully connected, single conv, multi-tier) and their builder.
+
+Sizes follow Winston & Kolter (2020); parameter counts (checked in tests/test_mondeq.py):
+
+============  =========================  ===========  ===========================
+dataset       fc (units)                 conv (ch)    multitier (channels)
+============  =========================  ===========  ===========================
+mnist         87 -> 84,313               54 -> 79,500  (16, 32, 32) -> 81,394
+svhn/cifar10  87 (not in the paper)      81 -> 172,218 (16, 32, 60) -> 170,194
+cifar10_aug   87 (not in the paper)      200 -> 853,612 (64, 128, 128) -> 1,014,546
+digits        32                         16            (8, 16, 16)
+============  =========================  ===========  ===========================
+
+The digits sizes (8x8 images, padded grid 10, tier grids 10/6/4) are our choice: small enough to train in
+seconds on a CPU, with the same structure as the paper's models.
+
+Heads: fc -> Linear(width, classes); conv -> AvgPool(4) on the padded map (34 -> 8, 30 -> 7, 10 -> 2) ->
+Linear; multitier -> flatten the last tier (border included) -> Linear.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pcdeq.data import get_spec
+from pcdeq.solvers import SolverStats, check_solver_args
+
+from .operators import ConvTiersMonotone, DenseMonotone
+from .splitting import (
+    ImplicitBackwardSpec,
+    SplittingProblem,
+    get_splitting_solver,
+    implicit_backward,
+    tune_alpha,
+)
+
+Tensor = torch.Tensor
+
+ARCHS = ("fc", "conv", "multitier")
+
+DEFAULT_CHANNELS: dict[str, dict[str, int | tuple[int, ...]]] = {
+    "fc": {"digits": 32, "mnist": 87, "svhn": 87, "cifar10": 87, "cifar10_aug": 87},
+    "conv": {"digits": 16, "mnist": 54, "svhn": 81, "cifar10": 81, "cifar10_aug": 200},
+    "multitier": {
+        "digits": (8, 16, 16),
+        "mnist": (16, 32, 32),
+        "svhn": (16, 32, 60),
+        "cifar10": (16, 32, 60),
+        "cifar10_aug": (64, 128, 128),
+    },
+}
+
+TUNE_AT_BATCH = 30  # the authors tune alpha at batch 30 and at mid-epoch
+
+
+class _LastTierHead(nn.Module):
+    """Classifier on the last tier of the equilibrium state (optional average pooling, flatten, linear)."""
+
+    def __init__(self, in_features: int, num_classes: int, pool: int | None = None) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool) if pool else nn.Identity()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, z: Sequence[Tensor]) -> Tensor:
+        return self.linear(self.pool(z[-1]).flatten(1))
+
+
+class MonDEQ(nn.Module):
+    """A monotone operator equilibrium network: z* = relu(W z* + U x + b), logits = head(z*).
+
+    The equilibrium is found without gradient tracking by a splitting solver; the head receives one more
+    tracked application relu(W z* + U x + b) whose gradient goes through the implicit backward. The last
+    solves' statistics are kept in ``last_stats = {"forward": SolverStats, "backward": SolverStats}`` (the
+    backward entry is set during the backward pass and stays until the next one).
+
+    Args:
+        operator: a monotone parameterisation (:class:`DenseMonotone` or :class:`ConvTiersMonotone`).
+        head: maps the list of tier states to logits.
+        input_shape: (C, H, W) of the images.
+        pad_input: zero-pad the image by one pixel (convolutional models) instead of flattening it.
+        solver: "peaceman_rachford" or "forward_backward" (forward and backward alike).
+        alpha: splitting step.
+        tol: tolerance on the summed relative change (paper: 1e-2), forward and backward.
+        max_iter: iteration cap (paper: 300), forward and backward.
+        alpha_tuning: retune alpha at batch 30 and mid-epoch (see :meth:`on_train_batch_start`).
+        stop_mode: "batch" (the authors' criterion) or "sample".
+    """
+
+    def __init__(self, operator: nn.Module, head: nn.Module, input_shape: tuple[int, int, int], *,
+                 pad_input: bool, solver: str = "peaceman_rachford", alpha: float = 1.0, tol: float = 1e-2,
+                 max_iter: int = 300, alpha_tuning: bool = True, stop_mode: str = "batch") -> None:
+        super().__init__()
+        get_splitting_solver(solver)
+        check_solver_args(tol, max_iter, stop_mode)
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        self.operator = operator
+        self.head = head
+        self.input_shape = tuple(input_shape)
+        self.pad_input = pad_input
+        self.solver = solver
+        self.alpha = float(alpha)
+        self.tol = tol
+        self.max_iter = max_iter
+        self.alpha_tuning = alpha_tuning
+        self.stop_mode = stop_mode
+        self.last_stats: dict[str, SolverStats | None] = {"forward": None, "backward": None}
+
+    # alpha is state worth checkpointing (it is tuned during training) but not a parameter
+    def get_extra_state(self) -> dict:
+        """Checkpointed non-parameter state: ``{"alpha": float}``."""
+        return {"alpha": self.alpha}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the state saved by :meth:`get_extra_state`."""
+        self.alpha = float(state["alpha"])
+
+    @staticmethod
+    def _relu(masks: list[Tensor | None]) -> Callable[[list[Tensor]], list[Tensor]]:
+        """The forward prox: relu, then zero the border of convolutional tiers."""
+
+        def prox(u: list[Tensor]) -> list[Tensor]:
+            out = [torch.relu(ui) for ui in u]
+            return [o if mk is None else o * mk for o, mk in zip(out, masks, strict=True)]
+
+        return prox
+
+    def _record_backward(self, stats: SolverStats) -> None:
+        self.last_stats["backward"] = stats
+
+    def equilibrium(self, x: Tensor) -> list[Tensor]:
+        """The tracked equilibrium state relu(W z* + U x + b), one tensor per tier.
+
+        Args:
+            x: images [B, C, H, W] (normalised).
+
+        Returns:
+            Per-tier states; under gradient tracking their gradient is the exact implicit one.
+        """
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected input of shape [B, {', '.join(map(str, self.input_shape))}], "
+                             f"got {list(x.shape)}")
+        x = nn.functional.pad(x, (1, 1, 1, 1)) if self.pad_input else x.flatten(1)
+        bias = self.operator.inject(x)
+        masks = self.operator.state_masks(bias[0])
+        prox = self._relu(masks)
+        alpha = self.alpha
+        with torch.no_grad():
+            # V is built per call from the current weights and shared with this call's backward
+            resolvent = self.operator.resolvent(alpha) if self.solver == "peaceman_rachford" else None
+            problem = SplittingProblem(
+                linear=self.operator.matvec,
+                resolvent=resolvent.apply if resolvent is not None else None,
+                prox=prox,
+                bias=[b.detach() for b in bias],
+            )
+            z, stats = get_splitting_solver(self.solver)(
+                problem, alpha, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode)
+        self.last_stats["forward"] = stats
+        wz = self.operator.matvec([zi.detach() for zi in z])  # tracked in W, not through z*
+        out = prox([w + b for w, b in zip(wz, bias, strict=True)])
+        if torch.is_grad_enabled() and any(o.requires_grad for o in out):
+            spec = ImplicitBackwardSpec(
+                matvec=self.operator.matvec, resolvent=resolvent,
+                active=[(o.detach() > 0).to(o.dtype) for o in out],
+                solver=self.solver, alpha=alpha, tol=self.tol, max_iter=self.max_iter,
+                stop_mode=self.stop_mode,
+                record=self._record_backward,
+            )
+            out = implicit_backward(out, spec)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for images ``x`` [B, C, H, W]."""
+        return self.head(self.equilibrium(x))
+
+    @torch.no_grad()
+    def forward_iterations(self, x: Tensor, alpha: float) -> int:
+        """Forward iteration count at ``alpha`` on batch ``x`` (max_iter for a failed, non-finite solve)."""
+        saved = self.alpha
+        try:
+            self.alpha = alpha
+            self.equilibrium(x)
+        finally:
+            self.alpha = saved
+        stats = self.last_stats["forward"]
+        return self.max_iter if stats.nonfinite else stats.iters
+
+    def tune_alpha(self, x: Tensor) -> float:
+        """Apply the authors' alpha-tuning rule on batch ``x``; sets and returns the new alpha."""
+        self.alpha = tune_alpha(lambda a: self.forward_iterations(x, a), self.alpha, self.max_iter)
+        return self.alpha
+
+    def on_train_batch_start(self, x: Tensor, batch_idx: int, num_batches: int) -> None:
+        """Training hook: retune alpha at batch 30 and at mid-epoch (every epoch) when ``alpha_tuning`` is on.
+
+        Args:
+            x: the training batch's images.
+            batch_idx: index of the batch within the epoch (0-based).
+            num_batches: batches per epoch.
+        """
+        if self.alpha_tuning and batch_idx in (TUNE_AT_BATCH, num_batches // 2):
+            self.tune_alpha(x)
+
+
+def _tier_channels(arch: str, channels: int | Sequence[int]) -> tuple[int, ...]:
+    chans = (channels,) if isinstance(channels, int) else tuple(channels)
+    if arch in ("fc", "conv") and len(chans) != 1:
+        raise ValueError(f"arch {arch!r} takes one width, got channels={channels!r}")
+    if arch == "multitier" and len(chans) < 2:
+        raise ValueError(f"arch 'multitier' takes at least two tier widths, got channels={channels!r}")
+    if any(int(c) != c or c < 1 for c in chans):
+        raise ValueError(f"channels must be positive integers, got {channels!r}")
+    return tuple(int(c) for c in chans)
+
+
+def build_mondeq(
+    arch: str,
+    dataset: str,
+    *,
+    channels: int | Sequence[int] | None = None,
+    m: float = 1.0,
+    solver: str = "peaceman_rachford",
+    alpha: float = 1.0,
+    tol: float = 1e-2,
+    max_iter: int = 300,
+    alpha_tuning: bool = True,
+    positive_scalars: bool = True,
+    stop_mode: str = "batch",
+) -> MonDEQ:
+    """Build a monDEQ with the authors' sizes for ``dataset`` (or ``channels``).
+
+    Args:
+        arch: "fc", "conv" (single convolution) or "multitier".
+        dataset: a name from :data:`pcdeq.data.DATASET_SPECS` (gives input shape and classes).
+        channels: hidden width (fc, conv) or per-tier channels (multitier); None for the defaults above.
+        m: strong-monotonicity parameter of I - W (paper: 1).
+        solver: "peaceman_rachford" (paper) or "forward_backward".
+        alpha: initial splitting step. Peaceman-Rachford converges for any alpha > 0; forward-backward needs
+            alpha <= 2m / ||I - W||^2 (about 0.125 or less on trained models), so pass a small alpha with it:
+            alpha tuning only starts at batch 30.
+        tol: relative-change tolerance (paper: 1e-2).
+        max_iter: iteration cap (paper: 300).
+        alpha_tuning: the authors' alpha tuning during training.
+        positive_scalars: exp-reparametrise g, gn, h (conv models; deviation from the authors, who use raw
+            scalars: pass False to follow them exactly).
+        stop_mode: "batch" (authors) or "sample".
+
+    Returns:
+        A :class:`MonDEQ` mapping images [B, C, H, W] to logits [B, classes].
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown monDEQ arch {arch!r}; valid choices: {', '.join(ARCHS)}")
+    spec = get_spec(dataset)
+    get_splitting_solver(solver)
+    c_in, h, w = spec.shape
+    chans = _tier_channels(arch, DEFAULT_CHANNELS[arch][dataset] if channels is None else channels)
+    if arch == "fc":
+        operator: nn.Module = DenseMonotone(c_in * h * w, chans[0], m=m)
+        head = _LastTierHead(chans[0], spec.num_classes)
+    else:
+        grid = (h + 2, w + 2)  # the image is zero-padded by one pixel
+        operator = ConvTiersMonotone(c_in, chans, grid, m=m, positive_scalars=positive_scalars)
+        if arch == "conv":
+            head = _LastTierHead(chans[0] * (grid[0] // 4) * (grid[1] // 4), spec.num_classes, pool=4)
+        else:
+            s1, s2 = operator.grids[-1]
+            head = _LastTierHead(chans[-1] * s1 * s2, spec.num_classes)
+    return MonDEQ(operator, head, spec.shape, pad_input=arch != "fc", solver=solver, alpha=alpha, tol=tol,
+                  max_iter=max_iter, alpha_tuning=alpha_tuning, stop_mode=stop_mode)
+
+
+def paper_channels(arch: str, dataset: str) -> int | tuple[int, ...]:
+    """The authors' hidden size for (arch, dataset) (digits: this project's choice)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown monDEQ arch {arch!r}; valid choices: {', '.join(ARCHS)}")
+    get_spec(dataset)
+    return DEFAULT_CHANNELS[arch][dataset]

@@ -1,0 +1,377 @@
+"""Tests of the monDEQ family (pcdeq.mondeq) against independent oracles.
+
+Oracles: dense matrices built by applying operators to unit vectors (inverse, adjoint, monotonicity), the
+fixed-point equation itself, central finite differences in float64 (implicit gradients) and hand-made
+iteration-count tables (alpha tuning). Everything runs on tiny digits-sized models (grid 10, tiers 10/6/4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pcdeq.mondeq import build_mondeq, tune_alpha
+from pcdeq.mondeq.circular import cconv, cconv_t, down, down_t, freq_apply, kernel_spectrum
+from pcdeq.mondeq.splitting import SplittingProblem, forward_backward, peaceman_rachford
+from pcdeq.solvers import collect_stats
+
+TINY = {"fc": 6, "conv": 3, "multitier": (2, 3, 4)}
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, **kw) -> torch.nn.Module:
+    """A small digits model with randomised scalars (so g, gn, h != 1 are exercised too)."""
+    torch.manual_seed(seed)
+    model = build_mondeq(arch, "digits", channels=TINY[arch], **kw).to(dtype)
+    op = model.operator
+    with torch.no_grad():
+        for name in ("g_param", "h_param", "gn_param"):
+            p = getattr(op, name, None)
+            if p is not None:
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def dense(apply, shapes) -> torch.Tensor:
+    """The matrix of a linear map on tiered states, from its action on unit vectors (one batch)."""
+    sizes = [math.prod(s[1:]) for s in shapes]
+    n = sum(sizes)
+    eye = torch.eye(n, dtype=torch.float64)
+    tiers, i = [], 0
+    for s, k in zip(shapes, sizes, strict=True):
+        tiers.append(eye[:, i:i + k].reshape(n, *s[1:]))
+        i += k
+    out = apply(tiers)
+    return torch.cat([o.reshape(n, -1) for o in out], dim=1).T  # column j = image of unit vector j
+
+
+# ---------------------------------------------------------------- sizes and construction
+
+
+@pytest.mark.parametrize(
+    "arch,dataset,count",
+    [
+        ("fc", "mnist", 84_313),
+        ("conv", "mnist", 79_500),
+        ("multitier", "mnist", 81_394),
+        ("conv", "svhn", 172_218),
+        ("multitier", "svhn", 170_194),
+        ("conv", "cifar10", 172_218),
+        ("multitier", "cifar10", 170_194),
+        ("conv", "cifar10_aug", 853_612),
+        ("multitier", "cifar10_aug", 1_014_546),
+    ],
+)
+@pytest.mark.parametrize("positive_scalars", [True, False])
+def test_parameter_counts(arch, dataset, count, positive_scalars):
+    model = build_mondeq(arch, dataset, positive_scalars=positive_scalars)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_tier_grids():
+    assert build_mondeq("multitier", "mnist").operator.grids == [(30, 30), (16, 16), (9, 9)]
+    assert build_mondeq("multitier", "cifar10").operator.grids == [(34, 34), (18, 18), (10, 10)]
+    assert build_mondeq("multitier", "digits").operator.grids == [(10, 10), (6, 6), (4, 4)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"arch": "resnet", "dataset": "mnist"}, ["fc", "conv", "multitier"]),
+        ({"arch": "fc", "dataset": "imagenet"}, ["mnist", "cifar10"]),
+        ({"arch": "fc", "dataset": "mnist", "solver": "anderson"}, ["peaceman_rachford", "forward_backward"]),
+        ({"arch": "fc", "dataset": "mnist", "stop_mode": "tier"}, ["sample", "batch"]),
+        ({"arch": "conv", "dataset": "mnist", "m": 0.0}, ["m"]),
+        ({"arch": "conv", "dataset": "mnist", "channels": (4, 4)}, ["one width"]),
+        ({"arch": "multitier", "dataset": "mnist", "channels": 4}, ["two"]),
+    ],
+)
+def test_invalid_arguments(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        build_mondeq(**kwargs)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_scalar_reparametrisation():
+    pos = build_mondeq("multitier", "digits").operator
+    raw = build_mondeq("multitier", "digits", positive_scalars=False).operator
+    for op in (pos, raw):  # both start at g = gn = h = 1
+        for p in (op.g_param, op.h_param, op.gn_param):
+            assert torch.allclose(op._scalar(p), torch.ones_like(p))
+    with torch.no_grad():
+        pos.g_param.fill_(-30.0)
+        raw.g_param.fill_(-1.0)
+    assert all(torch.isfinite(a).all() for a in pos.kernels()[0])  # stays positive
+    assert not torch.isfinite(raw.kernels()[0][0]).all()  # the authors' sqrt of a negative g
+
+
+# ---------------------------------------------------------------- operators and inverses
+
+
+def test_spectrum_matches_circular_convolution():
+    torch.manual_seed(0)
+    K = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    z = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    y = cconv(z, K)
+    for onesided in (True, False):
+        zh = torch.fft.rfft2(z) if onesided else torch.fft.fft2(z)
+        yh = freq_apply(kernel_spectrum(K, (7, 6), onesided), zh)
+        y2 = torch.fft.irfft2(yh, s=(7, 6)) if onesided else torch.fft.ifft2(yh).real
+        torch.testing.assert_close(y2, y, rtol=0, atol=1e-12)
+
+
+def test_circular_adjoints():
+    torch.manual_seed(0)
+    K = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    z = torch.randn(2, 3, 8, 6, dtype=torch.float64)
+    y = torch.randn(2, 4, 8, 6, dtype=torch.float64)
+    yc = torch.randn(2, 4, 5, 4, dtype=torch.float64)
+    assert torch.allclose((y * cconv(z, K)).sum(), (cconv_t(y, K) * z).sum())
+    assert down(z, K).shape == yc.shape
+    assert torch.allclose((yc * down(z, K)).sum(), (down_t(yc, K) * z).sum())
+
+
+@pytest.mark.parametrize("arch", ["fc", "conv", "multitier"])
+def test_adjoint_and_monotonicity(arch):
+    op = tiny_model(arch).operator
+    shapes = op.state_shapes(1)
+    with torch.no_grad():
+        W = dense(op.matvec, shapes)
+        WT = dense(lambda z: op.matvec(z, transpose=True), shapes)
+    torch.testing.assert_close(WT, W.T, rtol=0, atol=1e-12)
+    torch.manual_seed(1)
+    y = [torch.randn(3, *s[1:], dtype=torch.float64) for s in shapes]
+    z = [torch.randn(3, *s[1:], dtype=torch.float64) for s in shapes]
+    lhs = sum((a * b).sum() for a, b in zip(y, op.matvec(z), strict=True))
+    rhs = sum((a * b).sum() for a, b in zip(op.matvec(y, transpose=True), z, strict=True))
+    assert torch.allclose(lhs, rhs, rtol=1e-12)
+    # I - W is m-strongly monotone (m = 1 here): the symmetric part has smallest eigenvalue >= 1
+    sym = torch.eye(W.shape[0], dtype=W.dtype) - (W + W.T) / 2
+    assert torch.linalg.eigvalsh(sym).min() >= 1 - 1e-10
+
+
+@pytest.mark.parametrize("arch", ["fc", "conv", "multitier"])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_resolvent_against_dense_solve(arch, alpha):
+    op = tiny_model(arch, m=0.5).operator
+    shapes = op.state_shapes(1)
+    with torch.no_grad():
+        W = dense(op.matvec, shapes)
+        R = op.resolvent(alpha)
+        V = dense(R.apply, shapes)
+        VT = dense(lambda r: R.apply(r, transpose=True), shapes)
+    n = W.shape[0]
+    M = (1 + alpha) * torch.eye(n, dtype=W.dtype) - alpha * W  # I + alpha (I - W)
+    torch.testing.assert_close(V, torch.linalg.inv(M), rtol=0, atol=1e-11)
+    torch.testing.assert_close(VT, torch.linalg.inv(M).T, rtol=0, atol=1e-11)
+    torch.testing.assert_close(V @ M, torch.eye(n, dtype=W.dtype), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("arch", ["conv", "multitier"])
+def test_resolvent_float32(arch):
+    model = tiny_model(arch, dtype=torch.float32)
+    op = model.operator
+    with torch.no_grad():
+        R = op.resolvent(0.5)
+        z = [torch.randn(2, *s[1:]) for s in op.state_shapes(2)]
+        out = R.apply(z)
+        # (I + a (I - W)) V z == z, in the model's own precision
+        back = [(1.5) * v - 0.5 * w for v, w in zip(out, op.matvec(out), strict=True)]
+    assert R.blocks[0].Dinv.dtype == torch.complex64
+    assert all(o.dtype == torch.float32 for o in out)
+    for a, b in zip(back, z, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- solvers
+
+
+def _problem(model, x, transpose=False):
+    op = model.operator
+    xin = torch.nn.functional.pad(x, (1, 1, 1, 1)) if model.pad_input else x.flatten(1)
+    bias = [b.detach() for b in op.inject(xin)]
+    masks = op.state_masks(bias[0])
+    prox = model._relu(masks)
+    return op, bias, masks, prox
+
+
+def _fb_alpha(op, shapes) -> float:
+    """A forward-backward step 0.95 * 2m / ||I - W||^2, inside the convergence bound 2m / ||I - W||^2."""
+    with torch.no_grad():
+        W = dense(op.matvec, shapes)
+    norm = torch.linalg.matrix_norm(torch.eye(W.shape[0], dtype=W.dtype) - W, ord=2)
+    return float(1.9 * op.m / norm**2)
+
+
+@pytest.mark.parametrize("arch", ["fc", "conv", "multitier"])
+def test_fixed_point_and_solver_agreement(arch):
+    model = tiny_model(arch)
+    op = model.operator
+    torch.manual_seed(2)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    op, bias, masks, prox = _problem(model, x)
+    with torch.no_grad():
+        R = op.resolvent(0.7)
+        pr = SplittingProblem(op.matvec, R.apply, prox, bias)
+        z_pr, st_pr = peaceman_rachford(pr, 0.7, tol=1e-12, max_iter=2000)
+        a_fb = _fb_alpha(op, op.state_shapes(1))
+        z_fb, st_fb = forward_backward(pr, a_fb, tol=1e-13, max_iter=20000)
+        fz = prox([w + b for w, b in zip(op.matvec(z_pr), bias, strict=True)])
+    assert st_pr.converged and st_fb.converged and not st_pr.nonfinite
+    for a, b, c in zip(z_pr, fz, z_fb, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # z = relu(W z + U x + b)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-8)  # same equilibrium
+    assert max(float(z.abs().max()) for z in z_pr) > 0  # non-trivial
+    for z, mk in zip(z_pr, masks, strict=True):
+        if mk is not None:  # hidden-state border stays 0
+            assert torch.all(z[..., 0, :] == 0) and torch.all(z[..., -1, :] == 0)
+            assert torch.all(z[..., :, 0] == 0) and torch.all(z[..., :, -1] == 0)
+
+
+def test_model_stats_and_stop_modes():
+    model = tiny_model("multitier", tol=1e-3)
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    batch = model.last_stats["forward"]
+    assert batch.converged and batch.iters == len(batch.history) and batch.residual_max <= 1e-3
+    model.stop_mode = "sample"
+    with torch.no_grad():
+        model(x)
+    sample = model.last_stats["forward"]
+    assert sample.converged and sample.n_not_converged == 0 and sample.residual_max <= 1e-3
+    model.stop_mode = "batch"
+    model.max_iter = 2
+    model.tol = 1e-12
+    with torch.no_grad():
+        model(x)
+    capped = model.last_stats["forward"]
+    assert capped.iters == 2 and not capped.converged and not capped.nonfinite
+
+
+@pytest.mark.parametrize("solver", ["peaceman_rachford", "forward_backward"])
+def test_no_grad_inference_mode_and_nonfinite(solver):
+    model = tiny_model("multitier", dtype=torch.float32, solver=solver, alpha=0.1)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        y1 = model(x)
+    with torch.inference_mode():
+        y2 = model(x)
+    y3 = model.eval()(x)
+    assert y1.shape == (3, 10) and torch.isfinite(y1).all()
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(y1, y3.detach())
+    assert model.last_stats["forward"].converged
+    x[1, 0, 3, 3] = float("nan")
+    with torch.inference_mode():
+        model(x)
+    st = model.last_stats["forward"]
+    assert st.nonfinite and not st.converged
+    assert collect_stats(model)["forward"]["nonfinite"] == 1.0
+
+
+def test_wrong_input_shape():
+    with pytest.raises(ValueError, match="expected input of shape"):
+        tiny_model("conv")(torch.zeros(2, 1, 28, 28, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- implicit gradients
+
+
+@pytest.mark.parametrize("solver", ["peaceman_rachford", "forward_backward"])
+@pytest.mark.parametrize("arch", ["fc", "conv", "multitier"])
+def test_gradients_match_finite_differences(arch, solver):
+    model = tiny_model(arch, solver=solver, alpha=0.5, tol=1e-12, max_iter=20000, seed=3)
+    if solver == "forward_backward":
+        model.alpha = _fb_alpha(model.operator, model.operator.state_shapes(1))
+    torch.manual_seed(4)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 10, dtype=torch.float64)
+    params = [x] + list(model.parameters())
+    dirs = [torch.randn_like(p) for p in params]
+
+    loss = (model(x) * c).sum()
+    grads = torch.autograd.grad(loss, params)
+    assert model.last_stats["backward"].converged
+    assert collect_stats(model)["backward"]["iters"] == model.last_stats["backward"].iters
+
+    def loss_at(t: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, dirs, strict=True):
+                p.add_(t * d)
+            val = float((model(x) * c).sum())
+            for p, d in zip(params, dirs, strict=True):
+                p.sub_(t * d)
+        return val
+
+    eps = 1e-6
+    fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    ad = float(sum((g * d).sum() for g, d in zip(grads, dirs, strict=True)))
+    assert abs(fd - ad) <= 1e-7 * max(1.0, abs(ad)), (fd, ad)
+    # a direction in the input only: the gradient w.r.t. the image goes through the equilibrium too
+    assert abs(float(grads[0].abs().sum())) > 0
+
+
+# ---------------------------------------------------------------- alpha tuning
+
+
+def _table(counts: dict[float, int]):
+    asked: list[float] = []
+
+    def iters_at(a: float) -> int:
+        asked.append(a)
+        return counts[a]
+
+    return iters_at, asked
+
+
+@pytest.mark.parametrize(
+    "counts,current,expected,asked",
+    [
+        # halve while not increasing; 0.125 increases the count, so 0.25 is kept
+        ({1: 10, 0.5: 8, 0.25: 8, 0.125: 9}, 0.3, 0.25, [1, 0.5, 0.25, 0.125]),
+        # the first halving already increases it: keep the start
+        ({1: 5, 0.5: 6}, 0.3, 1.0, [1, 0.5]),
+        # the start hit max_iter and so did every candidate: keep the previous alpha
+        ({2.0 ** -k: 300 for k in range(14)}, 0.3, 0.3, [2.0 ** -k for k in range(14)]),
+        # the authors check the kept alpha's count: a start at max_iter followed by a converging 0.5 keeps 0.5
+        ({1: 300, 0.5: 12, 0.25: 15}, 0.3, 0.5, [1, 0.5, 0.25]),
+    ],
+)
+def test_alpha_tuning_rule(counts, current, expected, asked):
+    iters_at, seen = _table(counts)
+    assert tune_alpha(iters_at, current, max_iter=300) == expected
+    assert seen == asked
+
+
+def test_alpha_tuning_floor():
+    iters_at, seen = _table({2.0 ** -k: 20 - k for k in range(20)})  # keeps improving
+    assert tune_alpha(iters_at, 0.3, max_iter=300) == 2.0 ** -13  # the last candidate above the 1e-4 floor
+    assert min(seen) == 2.0 ** -13
+
+
+def test_alpha_tuning_hook():
+    model = tiny_model("conv", dtype=torch.float32, alpha=0.3)
+    x = torch.randn(8, 1, 8, 8)
+    for batch_idx in (0, 29, 31, 99):  # not a tuning batch (mid-epoch of 200 batches is 100)
+        model.on_train_batch_start(x, batch_idx, 200)
+        assert model.alpha == 0.3
+    expected = tune_alpha(lambda a: model.forward_iterations(x, a), 0.3, model.max_iter)
+    assert model.alpha == 0.3  # probing does not change alpha
+    model.on_train_batch_start(x, 30, 200)
+    assert model.alpha == expected
+    model.alpha = 0.3
+    model.on_train_batch_start(x, 100, 200)
+    assert model.alpha == expected
+    model.alpha, model.alpha_tuning = 0.3, False
+    model.on_train_batch_start(x, 30, 200)
+    assert model.alpha == 0.3
+
+
+def test_alpha_is_checkpointed():
+    model = tiny_model("fc", alpha=0.25)
+    other = tiny_model("fc", alpha=1.0)
+    other.load_state_dict(model.state_dict())
+    assert other.alpha == 0.25
