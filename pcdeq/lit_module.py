@@ -1,0 +1,145 @@
+"""The Lightning module shared by every model family (pcDEQ and monDEQ).
+
+It owns the loss, the optimiser/schedule from config, the nonnegativity projection after every optimizer step,
+and the per-epoch metrics: loss and accuracy, forward/backward iterations (mean and max), residuals,
+non-converged counts, the convergence certificate, the learning rate, epoch time and samples per second.
+Only the plain resolved config is saved in checkpoints (``weights_only`` loading works, resume works).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from pcdeq.certificate import convergence_certificate
+from pcdeq.config import build_net
+from pcdeq.optim import build_optimizer, build_scheduler
+from pcdeq.solvers import collect_stats
+
+Tensor = torch.Tensor
+
+
+class EquilibriumModule(L.LightningModule):
+    """Classification with an equilibrium network built from ``config``.
+
+    Args:
+        config: the resolved run config (dict with model, dataset, solver, optim, ...).
+        eval_prefixes: metric prefix of each validation dataloader (e.g. ["val", "test"]).
+        certificate_every_n_steps: compute the Collatz-Wielandt certificate every n training steps (0: never).
+    """
+
+    def __init__(self, config: Mapping, eval_prefixes: tuple[str, ...] = ("val",),
+                 certificate_every_n_steps: int = 20) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": dict(config), "eval_prefixes": list(eval_prefixes),
+                                   "certificate_every_n_steps": int(certificate_every_n_steps)})
+        self.net = build_net(config)
+        self.config = config
+        self.eval_prefixes = tuple(eval_prefixes)
+        self.certificate_every = int(certificate_every_n_steps)
+        self.diverged = False
+        self._epoch_start = 0.0
+        self._epoch_samples = 0
+        self.epoch_times: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ---- logging helpers ----
+    def _log(self, name: str, value: float | Tensor, reduce_fx: str = "mean", prog_bar: bool = False,
+             batch_size: int | None = None) -> None:
+        self.log(name, value, on_step=False, on_epoch=True, reduce_fx=reduce_fx, prog_bar=prog_bar,
+                 batch_size=batch_size, add_dataloader_idx=False, sync_dist=self.trainer.world_size > 1)
+
+    def _log_solver_stats(self, prefix: str, directions: tuple[str, ...]) -> None:
+        stats = collect_stats(self.net)
+        for direction in directions:
+            s = stats.get(direction)
+            if s is None:
+                continue
+            tag = "fwd" if direction == "forward" else "bwd"
+            self._log(f"{prefix}/{tag}_iters", s["iters"])
+            self._log(f"{prefix}/{tag}_iters_max", s["iters_max"], reduce_fx="max")
+            if math.isfinite(s["residual_mean"]):
+                self._log(f"{prefix}/{tag}_residual", s["residual_mean"])
+                self._log(f"{prefix}/{tag}_residual_max", s["residual_max"], reduce_fx="max")
+            self._log(f"{prefix}/{tag}_not_converged", s["n_not_converged"], reduce_fx="sum")
+            self._log(f"{prefix}/{tag}_nonfinite", s["nonfinite"], reduce_fx="sum")
+
+    def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, int]:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        return loss, acc, y.shape[0]
+
+    # ---- training ----
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        hook = getattr(self.net, "on_train_batch_start", None)  # e.g. monDEQ's alpha tuning
+        if hook is not None:
+            hook(batch[0], batch_idx, self.trainer.num_training_batches)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, acc, n = self._step(batch)
+        if not torch.isfinite(loss):
+            # A diverged run stops cleanly with status "diverged" instead of training on NaNs.
+            self.diverged = True
+            self.trainer.should_stop = True
+        self._epoch_samples += n
+        self._log("train/loss", loss, prog_bar=True, batch_size=n)
+        self._log("train/acc", acc, prog_bar=True, batch_size=n)
+        self._log_solver_stats("train", ("forward",))
+        if self.certificate_every and batch_idx % self.certificate_every == 0:
+            # Here, before the optimizer step, the weights are the ones that produced the fixed points.
+            for key, value in convergence_certificate(self.net).items():
+                if math.isfinite(value):
+                    self._log(f"train/{key}", value, reduce_fx="max")
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Project right after every optimizer step, before any callback or checkpoint sees the weights.
+        project = getattr(self.net, "project_", None)
+        if project is not None:
+            project()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._log_solver_stats("train", ("backward",))  # set by the implicit backward of this batch
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_samples = 0
+
+    def on_train_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - self._epoch_start
+        self.epoch_times.append(elapsed)
+        self._log("time/epoch_s", elapsed)
+        self._log("time/samples_per_s", self._epoch_samples / max(elapsed, 1e-9))
+        self._log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # ---- evaluation ----
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.eval_prefixes[dataloader_idx])
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
+        loss, acc, n = self._step(batch)
+        self._log(f"{prefix}/loss", loss, batch_size=n)
+        self._log(f"{prefix}/acc", acc, prog_bar=prefix == "val", batch_size=n)
+        self._log_solver_stats(prefix, ("forward",))
+
+    # ---- optimisation ----
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.net.parameters(), self.config["optim"])
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        scheduler = build_scheduler(optimizer, self.config["optim"].get("scheduler", {}), int(steps_per_epoch))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,135 @@
+"""train.py / eval.py end to end, as a user runs them (subprocesses of the real CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {
+    "schema_version", "status", "dataset", "model", "activation", "variant", "seed", "num_params", "test/acc",
+    "test/loss", "fwd_iters", "bwd_iters", "epochs", "train_time_s", "epoch_time_s", "samples_per_s",
+    "peak_memory_mb", "git_commit", "versions", "overrides", "started_at", "finished_at",
+}
+SMALL_SYNTHETIC = ["dataset=mnist", "dataset.synthetic=true", "dataset.synthetic_size=[384,128]",
+                   "dataset.num_workers=0", "model.channels=8"]
+
+
+def cli(script: str, *overrides: str, log_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PCDEQ_LOG_DIR": str(log_dir), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_digits_end_to_end_then_eval(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ok(cli("train.py", "model=pcdeq_linear", "trainer.max_epochs=4", f"hydra.run.dir={run}", log_dir=tmp_path))
+    res = json.loads((run / "results.json").read_text())
+    assert REQUIRED_KEYS <= res.keys()
+    assert res["status"] == "completed" and res["epochs"] == 4 and res["dataset"] == "digits"
+    assert res["model"] == "pcdeq_linear" and res["activation"] == "tanh" and res["variant"] == "pcdeq1"
+    assert res["test/acc"] > 0.5  # chance is 0.1
+    assert res["num_params"] == 64 * 64 + 64 + 4 * 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert res["fwd_iters"] >= 1 and res["bwd_iters"] >= 1 and res["samples_per_s"] > 0
+    assert res["overrides"][0] == "model=pcdeq_linear"
+    # per-epoch CSV metrics, checkpoint, resolved config
+    metrics = pd.read_csv(run / "csv" / "metrics.csv")
+    per_epoch = metrics.dropna(subset=["train/fwd_iters"])
+    assert len(per_epoch) == 4
+    for col in ["train/bwd_iters_max", "train/fwd_residual_max", "train/fwd_not_converged", "train/cw_bound_max",
+                "test/acc", "lr", "time/epoch_s"]:
+        assert col in metrics and metrics[col].notna().any(), col
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config_resolved.yaml").is_file()
+
+    ev = tmp_path / "eval"
+    ok(cli("eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={ev}", log_dir=tmp_path))
+    eres = json.loads((ev / "results.json").read_text())
+    assert eres["task"] == "eval" and eres["status"] == "completed"
+    assert eres["test/acc"] == pytest.approx(res["test/acc"], abs=1e-6)
+
+
+def test_synthetic_runs_started_together_do_not_collide(tmp_path: Path) -> None:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PCDEQ_LOG_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    args = [sys.executable, str(ROOT / "train.py"), "model=pcdeq_linear", *SMALL_SYNTHETIC, "optim.lr=1e-2",
+            "trainer.max_epochs=3"]
+    procs = [subprocess.Popen([*args, f"seed={s}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for s in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    results = sorted((tmp_path / "train" / "runs").glob("*/results.json"))
+    assert len(results) == 2  # two distinct run directories
+    for path in results:
+        res = json.loads(path.read_text())
+        assert res["status"] == "completed" and res["num_params"] > 0
+        assert res["test/acc"] > 0.2  # learnable synthetic classes; chance is 0.1
+    assert {json.loads(p.read_text())["seed"] for p in results} == {0, 1}
+
+
+def test_validation_split_keeps_best_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ok(cli("train.py", "model=pcdeq_linear", "dataset.val_size=200", "trainer.max_epochs=2",
+           f"hydra.run.dir={run}", log_dir=tmp_path))
+    res = json.loads((run / "results.json").read_text())
+    assert res["val/acc"] is not None and res["test/acc"] is not None
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_multirun_jobs_are_separate(tmp_path: Path) -> None:
+    ok(cli("train.py", "-m", "model=pcdeq_linear", "model.activation=tanh,sigmoid", "trainer.max_epochs=1",
+           log_dir=tmp_path))
+    results = [json.loads(p.read_text()) for p in (tmp_path / "train" / "multiruns").glob("*/*/results.json")]
+    assert sorted(r["activation"] for r in results) == ["sigmoid", "tanh"]
+    assert sorted(r["variant"] for r in results) == ["pcdeq1", "pcdeq2"]
+    assert len({r["run_dir"] for r in results}) == 2
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ok(cli("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks=debug",
+           "model=pcdeq_conv", *SMALL_SYNTHETIC, "trainer.max_epochs=1", f"hydra.run.dir={run}", log_dir=tmp_path))
+    reports = [json.loads((run / f"sanity_rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["world_size"] == 2 and rep["steps"] > 0
+        assert rep["params_without_grad"] == []  # every parameter received a gradient on every rank
+        assert rep["projection_ok"] and rep["min_weight"] >= 0
+    assert reports[0]["param_checksum"] == pytest.approx(reports[1]["param_checksum"], rel=1e-12)
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+
+
+BAD_INPUT = [
+    (["model=nope"], "model/nope"),
+    (["dataset=nope"], "dataset/nope"),
+    (["model.activation=relu"], "unknown activation 'relu'; valid choices: tanh"),
+    (["model.activation=sigmoid", "model.variant=pcdeq1"], "valid activations for 'pcdeq1': tanh, softsign, relu6"),
+    (["solver.fwd_tol=0"], "solver.fwd_tol must be a positive"),
+    (["solver.bwd_tol=-1e-3"], "solver.bwd_tol must be a positive"),
+    (["solver.fwd_max_iter=0"], "solver.fwd_max_iter must be an integer >= 1"),
+    (["dataset=mnist", "dataset.download=false", "paths.data_dir={tmp}"], "MNIST/raw/train-images-idx3-ubyte"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
+def test_bad_input_gives_one_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
+    overrides = [o.format(tmp=tmp_path / "empty") for o in overrides]
+    proc = cli("train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}", log_dir=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_eval_missing_checkpoint(tmp_path: Path) -> None:
+    proc = cli("eval.py", f"ckpt_path={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'ev'}",
+               log_dir=tmp_path)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
