@@ -1,0 +1,195 @@
+"""Collatz-Wielandt convergence certificate.
+
+Oracle: the Jacobian J_b = diag(sigma'(W z*_b + x~_b)) W built explicitly per sample (closed-form sigma' for
+dense layers, torch.autograd.functional.jacobian for conv), its spectral radius by power iteration
+(cross-checked with an eigenvalue solver), and the Collatz-Wielandt ratio max_i (J z*)_i / z*_i computed from
+that matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pcdeq.certificate import collatz_wielandt_bound, convergence_certificate
+from pcdeq.layer import PcDEQLayer
+from pcdeq.models import build_model, build_network
+
+Tensor = torch.Tensor
+pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
+
+
+def _power_rho(jac: Tensor, iters: int = 2000) -> Tensor:
+    """Spectral radius of each nonnegative J_b by power iteration from the all-ones vector.
+
+    A positive start has a component along the Perron vector of a nonnegative matrix. The estimate uses two
+    steps, sqrt(||J^2 u|| / ||u||), so a period-2 oscillation (possible for reducible J) cannot bias it. No
+    shift by I: with rho ~ 1e-9 (saturated units) the shift would leave no usable spectral gap.
+    """
+    u = torch.ones(jac.shape[0], jac.shape[-1], 1, dtype=jac.dtype)
+    for _ in range(iters):
+        u = jac @ u
+        # J can be exactly 0 (relu6 saturated, sigmoid' underflowed): keep u = 0 rather than 0/0
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    norm = u.norm(dim=(1, 2))
+    return torch.where(norm > 0, (jac @ (jac @ u)).norm(dim=(1, 2)) / norm.clamp_min(1e-300), 0.0).sqrt()
+
+
+def _eig_rho(jac: Tensor) -> np.ndarray:
+    return np.array([np.abs(np.linalg.eigvals(j.numpy())).max() for j in jac])
+
+
+def _dense_jacobians(layer: PcDEQLayer, oracle: SimpleNamespace, act: str, x: Tensor, z: Tensor) -> Tensor:
+    oa = oracle.acts[act]
+    w = oracle.weight(layer).detach()
+    return oa.deriv(z @ w.T + oa.inject(x))[:, :, None] * w[None]
+
+
+def _conv_jacobians(layer: PcDEQLayer, oracle: SimpleNamespace, act: str, x: Tensor, z: Tensor) -> Tensor:
+    jacs = []
+    for b in range(len(z)):
+        f = oracle.map(layer, x[b : b + 1], act)
+        j = torch.autograd.functional.jacobian(lambda zb, f=f: f(zb[None])[0], z[b].detach())
+        jacs.append(j.reshape(z[b].numel(), z[b].numel()))
+    return torch.stack(jacs)
+
+
+def _solve(layer: PcDEQLayer, x: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_stats["forward"].converged
+    return layer.last_fixed_point
+
+
+def _scale_spectral_norm_(layer: PcDEQLayer, oracle: SimpleNamespace, target: float) -> None:
+    """Rescale g so the dense W has ||W||_2 = target (row norms all scale by the same factor)."""
+    with torch.no_grad():
+        layer.W.g.mul_(target / torch.linalg.matrix_norm(oracle.weight(layer), ord=2))
+
+
+def _check_certificate(layer, oracle, act: str, x: Tensor, jacobians) -> tuple[Tensor, np.ndarray]:
+    z, x_inj = _solve(layer, x)
+    bound = collatz_wielandt_bound(layer, z, x_inj)
+    jac = jacobians(layer, oracle, act, x, z)
+    assert bool((jac >= 0).all())  # W >= 0 and sigma' >= 0: the theory's nonnegative matrix
+    rho = _power_rho(jac)
+    np.testing.assert_allclose(rho.numpy(), _eig_rho(jac), rtol=1e-6, atol=1e-12)  # power iteration converged
+
+    zf = z.flatten(1)
+    jz = (jac @ zf[:, :, None])[..., 0]
+    torch.testing.assert_close(bound, (jz / zf).amax(dim=1), rtol=1e-9, atol=1e-12)  # the CW ratio itself
+    # concavity at z*: J z* <= z* - g(0), with g(0) = sigma(x~) > 0
+    g0 = oracle.acts[act].fn(oracle.acts[act].inject(x)).flatten(1)
+    assert bool((jz <= zf - g0 + 1e-12).all())
+    assert bool((rho <= bound + 1e-9).all())  # Collatz-Wielandt: the bound dominates the spectral radius
+    assert bool((bound < 1).all())
+    return bound, rho.numpy()
+
+
+@pytest.mark.parametrize("act", ["tanh", "softsign", "relu6", "sigmoid"])
+def test_bound_dominates_rho_for_huge_W(make_layer, oracle, act: str) -> None:
+    # ||W||_2 = 20: any contraction argument fails by a factor 20, the certificate must still be < 1
+    layer = make_layer(6, "dense", act, solver=oracle.tight_solver(tol=1e-13))
+    oracle.set_row_norms_(layer, 2.0, 5.0)
+    _scale_spectral_norm_(layer, oracle, 20.0)
+    x = torch.randn(5, 6, dtype=torch.float64) * 2
+    x[0] = -3.0  # a sample with x~ ~ 0 (pcDEQ-1: 6e-8; pcDEQ-2: exactly 0), the hardest for positivity
+    _check_certificate(layer, oracle, act, x, _dense_jacobians)
+
+
+@pytest.mark.parametrize("act", ["tanh", "softsign", "relu6"])
+def test_bound_is_tight_in_the_slow_regime(make_layer, oracle, act: str) -> None:
+    # Row sums 0.9 and small x~: z* is nearly linear in x~, J ~ W and rho(J) is close to 0.9. The bound must
+    # still lie in [rho, 1), and both must be far from 0 (otherwise rho <= bound proves nothing).
+    layer = make_layer(6, "dense", act, solver=oracle.tight_solver(tol=1e-13))
+    oracle.set_row_sums_(layer, 0.9)
+    x = torch.empty(4, 6, dtype=torch.float64).uniform_(-0.6, -0.2)
+    _, rho = _check_certificate(layer, oracle, act, x, _dense_jacobians)
+    assert rho.min() > 0.5
+
+
+@pytest.mark.parametrize("act,regime", [("tanh", "slow"), ("sigmoid", "large"), ("relu6", "slow")])
+def test_bound_dominates_rho_conv(make_layer, oracle, act: str, regime: str) -> None:
+    layer = make_layer(2, "conv", act, solver=oracle.tight_solver(tol=1e-13))
+    if regime == "slow":
+        oracle.set_row_sums_(layer, 0.9)
+        x = torch.empty(2, 2, 4, 4, dtype=torch.float64).uniform_(-0.6, -0.2)
+    else:
+        oracle.set_row_norms_(layer, 2.0, 5.0)
+        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    _check_certificate(layer, oracle, act, x, _conv_jacobians)
+
+
+@pytest.mark.parametrize("spectral_norm", [None, 20.0, 1000.0])
+def test_pcdeq2_bound_below_one_half(make_layer, oracle, spectral_norm: float | None) -> None:
+    # Theory: g_x(0) = sigmoid(relu(x)) >= 1/2 and z* < 1, so (J z*)_i / z*_i <= 1 - g(0)_i / z*_i < 1/2:
+    # the certificate itself (hence rho(J)) is below 1/2 for EVERY W >= 0.
+    layer = make_layer(6, "dense", "sigmoid", solver=oracle.tight_solver(tol=1e-13))
+    if spectral_norm is None:
+        oracle.set_row_sums_(layer, 2.0)  # the regime where sigmoid's rho(J) is largest (~0.27)
+    else:
+        oracle.set_row_norms_(layer, 2.0, 5.0)
+        _scale_spectral_norm_(layer, oracle, spectral_norm)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    x[0] = -1.0  # x~ = 0 exactly: g(0) = 1/2, the edge of the theory
+    bound, rho = _check_certificate(layer, oracle, "sigmoid", x, _dense_jacobians)
+    assert bool((bound < 0.5).all())
+    assert rho.max() < 0.5
+
+
+def test_one_half_is_specific_to_pcdeq2(make_layer, oracle) -> None:
+    # control: a pcDEQ-1 layer can certify well above 1/2, so the test above checks a real property
+    layer = make_layer(6, "dense", "tanh", solver=oracle.tight_solver(tol=1e-13))
+    oracle.set_row_sums_(layer, 0.9)
+    x = torch.empty(4, 6, dtype=torch.float64).uniform_(-0.6, -0.2)
+    z, x_inj = _solve(layer, x)
+    assert float(collatz_wielandt_bound(layer, z, x_inj).min()) > 0.5
+
+
+def test_observed_contraction_within_certificate(make_layer, oracle) -> None:
+    # the asymptotic residual ratio of plain iteration is rho(J) <= bound
+    layer = make_layer(8, "dense", "softsign", solver=oracle.tight_solver(tol=1e-12))
+    oracle.set_row_sums_(layer, 0.9)
+    x = torch.empty(3, 8, dtype=torch.float64).uniform_(-0.6, -0.2)
+    _solve(layer, x)
+    cert = convergence_certificate(layer)
+    assert 0.3 < cert["contraction"] <= cert["cw_bound_max"] + 1e-3
+
+
+def test_convergence_certificate_of_model() -> None:
+    net = build_model("multiconv", "digits")  # three pcDEQ layers in sequence, float32, default solver
+    assert convergence_certificate(net) == {}  # no forward yet
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        net(x)
+    cert = convergence_certificate(net)
+    assert set(cert) == {"cw_bound_max", "cw_bound_mean", "contraction"}
+    assert all(math.isfinite(v) for v in cert.values())
+    assert 0 < cert["cw_bound_mean"] <= cert["cw_bound_max"]
+    # aggregation: the worst layer per sample, then max / mean over samples
+    per_layer = [collatz_wielandt_bound(m, *m.last_fixed_point).tolist() for m in net.deq_layers()]
+    assert len(per_layer) == 3
+    worst = [max(col) for col in zip(*per_layer, strict=True)]
+    assert cert["cw_bound_max"] == pytest.approx(max(worst), rel=1e-6)
+    assert cert["cw_bound_mean"] == pytest.approx(sum(worst) / len(worst), rel=1e-6)
+    ratios = [m.last_stats["forward"].contraction_ratio() for m in net.deq_layers()]
+    assert cert["contraction"] == pytest.approx(max(ratios))
+
+
+def test_certificate_after_inference_mode_forward(oracle) -> None:
+    # last_fixed_point then holds inference tensors; the certificate must still be computable outside
+    net = build_network("linear", (1, 4, 4), 3, 8, "tanh", solver=oracle.tight_solver()).double()
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    expected = convergence_certificate(net)
+    with torch.inference_mode():
+        net(x)
+    got = convergence_certificate(net)
+    assert got["cw_bound_max"] == pytest.approx(expected["cw_bound_max"], rel=1e-12)
+    assert got["cw_bound_max"] < 1
