@@ -8,6 +8,7 @@ Only the plain resolved config is saved in checkpoints (``weights_only`` loading
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from pcdeq.optim import build_optimizer, build_scheduler
 from pcdeq.solvers import collect_stats
 
 Tensor = torch.Tensor
+log = logging.getLogger("pcdeq")
 
 
 class EquilibriumModule(L.LightningModule):
@@ -112,6 +114,7 @@ class EquilibriumModule(L.LightningModule):
         self._log_solver_stats("train", ("backward",))  # set by the implicit backward of this batch
 
     def on_train_epoch_start(self) -> None:
+        self._print_epoch_summary(len(self.epoch_times))
         self._epoch_start = time.perf_counter()
         self._epoch_samples = 0
 
@@ -121,6 +124,27 @@ class EquilibriumModule(L.LightningModule):
         self._log("time/epoch_s", elapsed)
         self._log("time/samples_per_s", self._epoch_samples / max(elapsed, 1e-9))
         self._log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_fit_end(self) -> None:
+        self._print_epoch_summary(len(self.epoch_times))
+
+    def _print_epoch_summary(self, epoch: int) -> None:
+        """One line per finished epoch on rank 0: progress for batch jobs, where there is no progress bar.
+
+        Called when the next epoch starts (and at the end of fit), because Lightning aggregates an epoch's
+        metrics only after every epoch-end hook has run.
+        """
+        if epoch < 1 or not self.trainer.is_global_zero:
+            return
+        m = self.trainer.callback_metrics
+        parts = [f"epoch {epoch}/{self.trainer.max_epochs}"]
+        for key, fmt in (("train/loss", "{:.4f}"), ("train/acc", "{:.2%}"), ("val/acc", "{:.2%}"),
+                         ("test/acc", "{:.2%}"), ("train/fwd_iters", "{:.1f}"), ("train/bwd_iters", "{:.1f}")):
+            if key in m:
+                parts.append(f"{key} " + fmt.format(float(m[key])))
+        if self.epoch_times:
+            parts.append(f"{self.epoch_times[-1]:.1f} s")
+        log.info(" | ".join(parts))
 
     # ---- evaluation ----
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

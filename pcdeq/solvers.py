@@ -39,7 +39,8 @@ class SolverStats:
         residual_mean: final relative residual, mean over samples (equals max in batch mode).
         residual_max: final relative residual, max over samples.
         converged: every sample met the tolerance with finite values.
-        n_not_converged: samples above the tolerance at the end (all of them when non-finite).
+        n_not_converged: samples above the tolerance at the end (all of them when non-finite; in batch
+            mode, the whole batch when the batch criterion failed).
         nonfinite: a NaN or Inf appeared; the solve stopped there.
         history: max residual after each iteration (used for the observed contraction ratio).
     """
@@ -88,24 +89,23 @@ def check_solver_args(tol: float, max_iter: int, stop_mode: str, key: str = "") 
         raise ValueError(f"unknown stop_mode {stop_mode!r}; valid choices: {', '.join(STOP_MODES)}")
 
 
-def finish_stats(
-    stats: SolverStats, res: Tensor, tol: float, nonfinite: bool, per_sample: bool | None = None
-) -> SolverStats:
-    # per_sample should come from stop_mode, not from res.numel(): a per-sample solve of a batch of ONE must
-    # count its sample (1); only the whole-batch rule has no per-sample count (-1 when not converged).
-    # None keeps the old numel-based guess for callers outside this module (pcdeq.mondeq.splitting).
-    if per_sample is None:
-        per_sample = res.numel() > 1
+def finish_stats(stats: SolverStats, res: Tensor, tol: float, nonfinite: bool, batch_size: int) -> SolverStats:
+    """Fill the final fields of ``stats`` from the last residual ``res``.
+
+    ``res`` holds one residual per sample (per-sample mode) or one for the whole batch (batch mode). In batch
+    mode no per-sample count exists, so a failed solve counts every sample of the batch as not converged: a
+    failure is never reported as 0.
+    """
     stats.nonfinite = nonfinite
     if nonfinite:
         stats.converged = False
-        stats.n_not_converged = int(res.numel()) if per_sample else -1
+        stats.n_not_converged = batch_size
         stats.residual_mean = stats.residual_max = math.nan
         return stats
     stats.residual_mean = float(res.mean())
     stats.residual_max = float(res.max())
     bad = int((res > tol).sum())
-    stats.n_not_converged = bad if per_sample else (-1 if bad else 0)
+    stats.n_not_converged = bad if res.numel() == batch_size else (batch_size if bad else 0)
     stats.converged = bad == 0
     return stats
 
@@ -139,12 +139,12 @@ def fixed_point_iter(
         stats.iters = k
         rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
         if not (math.isfinite(rmax) and bool(torch.isfinite(z_new).all())):
-            return z_new, finish_stats(stats, res, tol, nonfinite=True, per_sample=stop_mode == "sample")
+            return z_new, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
         stats.history.append(rmax)
         z = z_new
         if rmax <= tol:
             break
-    return z, finish_stats(stats, res, tol, nonfinite=False, per_sample=stop_mode == "sample")
+    return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0])
 
 
 def anderson(
@@ -189,10 +189,10 @@ def anderson(
     res = relative_residual(F[:, 0].reshape(shape), z0, stop_mode)
     rmax = float(res.max())
     if not math.isfinite(rmax) or not bool(torch.isfinite(z).all()):
-        return z, finish_stats(stats, res, tol, nonfinite=True, per_sample=stop_mode == "sample")
+        return z, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
     stats.history.append(rmax)
     if rmax <= tol or max_iter == 1:
-        return z, finish_stats(stats, res, tol, nonfinite=False, per_sample=stop_mode == "sample")
+        return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0])
     X[:, 1] = F[:, 0]
     F[:, 1] = f(X[:, 1].reshape(shape)).reshape(bsz, -1)
     stats.iters = 2
@@ -204,10 +204,10 @@ def anderson(
         res = relative_residual(f_k, x_k, stop_mode)
         rmax = float(res.max())
         if not math.isfinite(rmax) or not bool(torch.isfinite(f_k).all()):
-            return f_k, finish_stats(stats, res, tol, nonfinite=True, per_sample=stop_mode == "sample")
+            return f_k, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
         stats.history.append(rmax)
         if rmax <= tol or k >= max_iter:
-            return f_k, finish_stats(stats, res, tol, nonfinite=False, per_sample=stop_mode == "sample")
+            return f_k, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0])
         n_hist = min(k, m)
         G = F[:, :n_hist] - X[:, :n_hist]  # [B, n_hist, n]
         H = torch.zeros(bsz, n_hist + 1, n_hist + 1, dtype=z0.dtype, device=z0.device)
@@ -309,7 +309,7 @@ def collect_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
             "iters_max": float(max(s.iters for s in items)),
             "residual_mean": max(s.residual_mean for s in items),
             "residual_max": max(s.residual_max for s in items),
-            "n_not_converged": float(sum(max(s.n_not_converged, 0) for s in items)),
+            "n_not_converged": float(sum(s.n_not_converged for s in items)),
             "nonfinite": float(any(s.nonfinite for s in items)),
             "contraction": max(s.contraction_ratio() for s in items),
         }

@@ -61,12 +61,12 @@ def _iterate(step: Callable[[Any], tuple[Any, Tiers]], state: Any, z: Tiers, tol
         finite = torch.stack([torch.isfinite(t).all() for t in z_new]).all()
         rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
         if not (math.isfinite(rmax) and bool(finite)):
-            return z_new, finish_stats(stats, res, tol, nonfinite=True)
+            return z_new, finish_stats(stats, res, tol, nonfinite=True, batch_size=z[0].shape[0])
         stats.history.append(rmax)
         z = z_new
         if rmax <= tol:
             break
-    return z, finish_stats(stats, res, tol, nonfinite=False)
+    return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z[0].shape[0])
 
 
 def forward_backward(problem: SplittingProblem, alpha: float, *, tol: float = 1e-2, max_iter: int = 300,
