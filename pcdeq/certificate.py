@@ -11,6 +11,8 @@ one Jacobian-vector product. The observed contraction ratio of the last iteratio
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -32,7 +34,9 @@ def collatz_wielandt_bound(layer: PcDEQLayer, z_star: Tensor, x_inj: Tensor) -> 
         Tensor [B] of bounds (< 1 at a true fixed point).
     """
     w = layer.W.weight()
-    _, jz = torch.func.jvp(lambda z: layer.map(z, x_inj, w), (z_star,), (z_star,))
+    with warnings.catch_warnings():  # torch.func.jvp trips an internal torch.jit.script deprecation warning
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        _, jz = torch.func.jvp(lambda z: layer.map(z, x_inj, w), (z_star,), (z_star,))
     tiny = torch.finfo(z_star.dtype).tiny  # z* > 0 in exact arithmetic; guard underflow to 0
     return (jz / z_star.clamp_min(tiny)).flatten(1).amax(dim=1)
 

@@ -157,6 +157,8 @@ def train(cfg: DictConfig) -> dict:
     started = _now()
     config = _resolve(cfg)
     run_dir = Path(config["paths"]["output_dir"])
+    if config.get("num_threads"):
+        torch.set_num_threads(int(config["num_threads"]))
     L.seed_everything(int(config["seed"]), workers=True)
     dm = build_datamodule(config, seed=int(config["seed"]))
     dm.prepare_data()
@@ -216,7 +218,7 @@ def train(cfg: DictConfig) -> dict:
         "epochs": trainer.current_epoch,
         "train_time_s": train_time,
         "epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
-        "samples_per_s": fit_metrics.get("time/samples_per_s"),
+        "samples_per_s": fit_metrics.get("train/samples_per_s"),
         "peak_memory_mb": rss,
         "peak_gpu_memory_mb": gpu,
         "finished_at": _now(),

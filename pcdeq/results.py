@@ -28,7 +28,7 @@ Schema (version 1)::
     overrides        list     the command-line overrides
     run_dir          str
     started_at, finished_at   str  ISO 8601 (UTC)
-    metrics          dict     every final epoch-level metric (train/*, test/*, val/*, time/*, lr)
+    metrics          dict     every final epoch-level metric (train/*, test/*, val/*)
     error            str      the failure message when status is failed
 """
 

@@ -17,7 +17,7 @@ REQUIRED_KEYS = {
     "test/loss", "fwd_iters", "bwd_iters", "epochs", "train_time_s", "epoch_time_s", "samples_per_s",
     "peak_memory_mb", "git_commit", "versions", "overrides", "started_at", "finished_at",
 }
-SMALL_SYNTHETIC = ["dataset=mnist", "dataset.synthetic=true", "dataset.synthetic_size=[384,128]",
+SMALL_SYNTHETIC = ["num_threads=1", "dataset=mnist", "dataset.synthetic=true", "dataset.synthetic_size=[384,128]",
                    "dataset.num_workers=0", "model.channels=8"]
 
 
@@ -47,7 +47,7 @@ def test_digits_end_to_end_then_eval(tmp_path: Path) -> None:
     per_epoch = metrics.dropna(subset=["train/fwd_iters"])
     assert len(per_epoch) == 4
     for col in ["train/bwd_iters_max", "train/fwd_residual_max", "train/fwd_not_converged", "train/cw_bound_max",
-                "test/acc", "lr", "time/epoch_s"]:
+                "test/acc", "train/lr", "train/epoch_s", "train/samples_per_s"]:
         assert col in metrics and metrics[col].notna().any(), col
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config_resolved.yaml").is_file()
 
