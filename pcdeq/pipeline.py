@@ -124,7 +124,7 @@ def _base_results(config: dict, module, run_dir: Path) -> dict:
         "family": model["family"],
         "arch": model["arch"],
         "activation": model.get("activation"),
-        "variant": getattr(getattr(module.net, "deq_layers", lambda: [])()[0], "act").variant
+        "variant": getattr(module.net, "deq_layers", lambda: [])()[0].act.variant
         if getattr(module.net, "deq_layers", None) and module.net.deq_layers() else model.get("variant"),
         "solver": config["solver"].get("fwd_solver") or config["solver"].get("solver"),
         "seed": config.get("seed"),
