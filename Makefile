@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all lint bench clean help
+.PHONY: install demo test test-slow test-all lint clean help
 
 help:
 	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
@@ -35,9 +35,6 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pcdeq tests scripts train.py eval.py
-
-bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

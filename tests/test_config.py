@@ -103,3 +103,15 @@ def test_run_dirs_are_unique_per_microsecond_and_job() -> None:
     assert re.search(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}_local$", cfg.hydra.run.dir)
     raw = OmegaConf.to_container(cfg.hydra, resolve=False)
     assert "SLURM_JOB_ID" in raw["run"]["dir"] and "hydra.job.num" in raw["sweep"]["subdir"]
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_to_its_table_row(name: str) -> None:
+    cfg = compose_train(f"experiment={name}")
+    assert f"{cfg.model.name}_{cfg.dataset.name}" == name == cfg.experiment_name
+    assert cfg.solver.family == cfg.model.family and cfg.trainer.max_epochs >= 40
+    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    assert sum(p.numel() for p in net.parameters()) > 0
