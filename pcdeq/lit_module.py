@@ -24,6 +24,7 @@ from pcdeq.solvers import collect_stats
 
 Tensor = torch.Tensor
 log = logging.getLogger("pcdeq")
+PROGRESS_EVERY_S = 60.0  # progress lines in batch jobs (no progress bar)
 
 
 class EquilibriumModule(L.LightningModule):
@@ -45,7 +46,7 @@ class EquilibriumModule(L.LightningModule):
         self.eval_prefixes = tuple(eval_prefixes)
         self.certificate_every = int(certificate_every_n_steps)
         self.diverged = False
-        self._epoch_start = 0.0
+        self._epoch_start = self._last_progress = 0.0
         self._epoch_samples = 0
         self.epoch_times: list[float] = []
         self._acc: dict[str, tuple] = {}  # name -> (total, count, reduce) for the running epoch
@@ -131,10 +132,20 @@ class EquilibriumModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._add_solver_stats("train", "backward")  # set by the implicit backward of this batch
+        now = time.perf_counter()
+        if self.trainer.progress_bar_callback is None and now - self._last_progress >= PROGRESS_EVERY_S:
+            # Batch jobs have no progress bar: a line every PROGRESS_EVERY_S seconds during long epochs.
+            self._last_progress = now
+            if self.trainer.is_global_zero:
+                loss, count, _ = self._acc.get("train/loss", (0.0, 1.0, "mean"))
+                fwd, nf, _ = self._acc.get("train/fwd_iters", (0.0, 1.0, "mean"))
+                log.info(f"epoch {self.current_epoch + 1} batch {batch_idx + 1}/{self.trainer.num_training_batches}"
+                         f" | train/loss {float(loss) / count:.4f} | train/fwd_iters {fwd / nf:.1f}"
+                         f" | {now - self._epoch_start:.0f} s")
 
     def on_train_epoch_start(self) -> None:
         self._print_epoch_summary(len(self.epoch_times))
-        self._epoch_start = time.perf_counter()
+        self._epoch_start = self._last_progress = time.perf_counter()
         self._epoch_samples = 0
 
     def on_train_epoch_end(self) -> None:

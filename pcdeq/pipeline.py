@@ -115,6 +115,7 @@ def _make_trainer(cfg: DictConfig, callbacks: list, loggers: list):
 
 def _base_results(config: dict, module, run_dir: Path) -> dict:
     model = config["model"]
+    layers = module.net.deq_layers() if hasattr(module.net, "deq_layers") else []  # pcDEQ: the variant in use
     sha, dirty = _git_commit()
     return {
         "task": config.get("task_name", "train"),
@@ -124,8 +125,7 @@ def _base_results(config: dict, module, run_dir: Path) -> dict:
         "family": model["family"],
         "arch": model["arch"],
         "activation": model.get("activation"),
-        "variant": getattr(module.net, "deq_layers", lambda: [])()[0].act.variant
-        if getattr(module.net, "deq_layers", None) and module.net.deq_layers() else model.get("variant"),
+        "variant": layers[0].act.variant if layers else model.get("variant"),
         "solver": config["solver"].get("fwd_solver") or config["solver"].get("solver"),
         "seed": config.get("seed"),
         "num_params": sum(p.numel() for p in module.net.parameters()),

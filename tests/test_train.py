@@ -21,8 +21,9 @@ SMALL_SYNTHETIC = ["num_threads=1", "dataset=mnist", "dataset.synthetic=true", "
                    "dataset.num_workers=0", "model.channels=8"]
 
 
-def cli(script: str, *overrides: str, log_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PCDEQ_LOG_DIR": str(log_dir), "PYTHONWARNINGS": "ignore"}
+def cli(script: str, *overrides: str, log_dir: Path, timeout: int = 300, wandb_mode: str = "disabled"
+        ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": wandb_mode, "PCDEQ_LOG_DIR": str(log_dir), "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -85,13 +86,18 @@ def test_validation_split_keeps_best_checkpoint(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_multirun_jobs_are_separate(tmp_path: Path) -> None:
-    ok(cli("train.py", "-m", "model=pcdeq_linear", "model.activation=tanh,sigmoid", "trainer.max_epochs=1",
-           log_dir=tmp_path))
-    results = [json.loads(p.read_text()) for p in (tmp_path / "train" / "multiruns").glob("*/*/results.json")]
+def test_multirun_jobs_are_separate_also_in_wandb(tmp_path: Path) -> None:
+    # One process runs both jobs (Hydra's basic launcher): each must get its own directory and its own wandb run.
+    ok(cli("train.py", "-m", "logger=wandb", "model=pcdeq_linear", "model.activation=tanh,sigmoid",
+           "trainer.max_epochs=1", "num_threads=1", log_dir=tmp_path, wandb_mode="offline"))
+    jobs = sorted((tmp_path / "train" / "multiruns").glob("*/*/results.json"))
+    results = [json.loads(p.read_text()) for p in jobs]
     assert sorted(r["activation"] for r in results) == ["sigmoid", "tanh"]
     assert sorted(r["variant"] for r in results) == ["pcdeq1", "pcdeq2"]
     assert len({r["run_dir"] for r in results}) == 2
+    wandb_runs = [sorted(p.parent.glob("wandb/offline-run-*")) for p in jobs]
+    assert all(len(runs) == 1 for runs in wandb_runs)  # one wandb run per job, none reused
+    assert wandb_runs[0][0].name != wandb_runs[1][0].name
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
