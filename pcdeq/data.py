@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
 
@@ -65,6 +65,28 @@ def get_spec(name: str) -> DatasetSpec:
         return DATASET_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASET_SPECS)}") from None
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch, drawn from a generator seeded with (seed, epoch).
+
+    Args:
+        n: dataset length.
+        seed: base seed.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -356,9 +378,9 @@ class EquilibriumDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            # a fresh seeded generator per fit: the order of the epochs is fixed by `seed`
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            # The order of epoch e depends only on (seed, e): a run resumed from a checkpoint sees the same batches
+            # as an uninterrupted one (Lightning calls set_epoch on the sampler).
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -144,7 +144,7 @@ class EquilibriumModule(L.LightningModule):
                          f" | {now - self._epoch_start:.0f} s")
 
     def on_train_epoch_start(self) -> None:
-        self._print_epoch_summary(len(self.epoch_times))
+        self._print_epoch_summary()
         self._epoch_start = self._last_progress = time.perf_counter()
         self._epoch_samples = 0
 
@@ -157,18 +157,18 @@ class EquilibriumModule(L.LightningModule):
         self._flush("train")
 
     def on_fit_end(self) -> None:
-        self._print_epoch_summary(len(self.epoch_times))
+        self._print_epoch_summary()
 
-    def _print_epoch_summary(self, epoch: int) -> None:
+    def _print_epoch_summary(self) -> None:
         """One line per finished epoch on rank 0: progress for batch jobs, where there is no progress bar.
 
         Called when the next epoch starts (and at the end of fit), because Lightning aggregates an epoch's
         metrics only after every epoch-end hook has run.
         """
-        if epoch < 1 or not self.trainer.is_global_zero:
+        if not self.epoch_times or not self.trainer.is_global_zero:  # nothing finished in this process yet
             return
         m = self.trainer.callback_metrics
-        parts = [f"epoch {epoch}/{self.trainer.max_epochs}"]
+        parts = [f"epoch {self.current_epoch}/{self.trainer.max_epochs}"]  # epochs finished (also after resume)
         for key, fmt in (("train/loss", "{:.4f}"), ("train/acc", "{:.2%}"), ("val/acc", "{:.2%}"),
                          ("test/acc", "{:.2%}"), ("train/fwd_iters", "{:.1f}"), ("train/bwd_iters", "{:.1f}")):
             if key in m:

@@ -342,3 +342,16 @@ def test_unknown_name() -> None:
         EquilibriumDataModule("imagenet")
     for name in DATASET_SPECS:
         assert name in str(info.value)
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch() -> None:
+    from pcdeq.data import EpochShuffleSampler
+
+    a, b = EpochShuffleSampler(50, seed=3), EpochShuffleSampler(50, seed=3)
+    first = list(a)
+    a.set_epoch(1)
+    second = list(a)
+    assert sorted(first) == list(range(50)) and first != second  # a permutation, new each epoch
+    b.set_epoch(1)
+    assert list(b) == second  # a fresh sampler (a resumed run) at epoch 1 gives epoch 1's order
+    assert list(EpochShuffleSampler(50, seed=4)) != first

@@ -139,3 +139,15 @@ def test_eval_missing_checkpoint(tmp_path: Path) -> None:
     proc = cli("eval.py", f"ckpt_path={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'ev'}",
                log_dir=tmp_path)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = ["model=pcdeq_linear", "num_threads=1", "trainer.deterministic=true"]
+    ok(cli("train.py", *common, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'full'}", log_dir=tmp_path))
+    ok(cli("train.py", *common, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}", log_dir=tmp_path))
+    ok(cli("train.py", *common, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+           f"hydra.run.dir={tmp_path / 'b'}", log_dir=tmp_path))
+    full, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "b"))
+    assert resumed["epochs"] == full["epochs"] == 3
+    assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-5)
+    assert resumed["test/acc"] == full["test/acc"]
