@@ -154,6 +154,9 @@ class EquilibriumModule(L.LightningModule):
         self._add("train/epoch_s", elapsed)
         self._add("train/samples_per_s", self._epoch_samples / max(elapsed, 1e-9))
         self._add("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        alpha = getattr(self.net, "alpha", None)  # monDEQ's (tuned) splitting step
+        if isinstance(alpha, (int, float)):
+            self._add("train/alpha", float(alpha))
         self._flush("train")
 
     def on_fit_end(self) -> None:
