@@ -151,3 +151,14 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> 
     assert resumed["epochs"] == full["epochs"] == 3
     assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-5)
     assert resumed["test/acc"] == full["test/acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_sweep_launchers(tmp_path: Path, launcher: str) -> None:
+    # The local stand-ins of the cluster path: joblib (parallel processes) and submitit_local (Slurm's code path).
+    ok(cli("train.py", "-m", f"hydra/launcher={launcher}", "model=pcdeq_linear", "model.activation=tanh,sigmoid",
+           "trainer.max_epochs=1", "num_threads=1", log_dir=tmp_path))
+    results = [json.loads(p.read_text()) for p in (tmp_path / "train" / "multiruns").glob("*/*/results.json")]
+    assert sorted(r["activation"] for r in results) == ["sigmoid", "tanh"]
+    assert all(r["status"] == "completed" for r in results)
