@@ -169,8 +169,8 @@ def train(cfg: DictConfig) -> dict:
     module = EquilibriumModule(config, tuple(prefixes), int(config.get("certificate_every_n_steps", 0)))
 
     callbacks_cfg = OmegaConf.to_container(cfg.callbacks, resolve=True) if cfg.get("callbacks") else {}
-    if has_val and "model_checkpoint" in callbacks_cfg:  # best checkpoint by validation accuracy
-        callbacks_cfg["model_checkpoint"].update(monitor="val/acc", mode="max", save_top_k=1)
+    if not has_val:  # the best checkpoint is chosen on the validation split only, never on the test set
+        callbacks_cfg.pop("best_checkpoint", None)
     callbacks = [instantiate(c) for c in callbacks_cfg.values() if c and "_target_" in c]
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
     loggers = [instantiate(c) for c in logger_cfg.values() if c and "_target_" in c]
@@ -193,9 +193,14 @@ def train(cfg: DictConfig) -> dict:
             trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
             test_metrics = _metrics(trainer)
             status = "interrupted" if trainer.interrupted else "completed"
-    except Exception as e:
-        if trainer.is_global_zero:
-            write_results(run_dir / "results.json", {**results, "status": "failed", "error": repr(e),
+    except BaseException as e:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # A kill or preemption (SIGTERM, Ctrl-C) is "interrupted", anything else "failed"; either way the run
+        # directory says what happened before the exception propagates.
+        status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt)) else "failed"
+        if trainer.is_global_zero and run_dir.is_dir():
+            write_results(run_dir / "results.json", {**results, "status": status, "error": repr(e),
                                                      "finished_at": _now()})
         raise
     finally:

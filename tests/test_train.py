@@ -162,3 +162,24 @@ def test_sweep_launchers(tmp_path: Path, launcher: str) -> None:
     results = [json.loads(p.read_text()) for p in (tmp_path / "train" / "multiruns").glob("*/*/results.json")]
     assert sorted(r["activation"] for r in results) == ["sigmoid", "tanh"]
     assert all(r["status"] == "completed" for r in results)
+
+
+def test_sigterm_leaves_an_interrupted_results_json(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PCDEQ_LOG_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "model=pcdeq_linear", "trainer.max_epochs=1000",
+                             "num_threads=1", f"hydra.run.dir={run}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (run / "csv" / "hparams.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)  # the logger writes hparams.yaml as fit starts
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)  # a checkpoint exists after every epoch, so a killed run can be resumed
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "interrupted" and "SIGTERM" in res["error"]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
