@@ -183,3 +183,11 @@ def test_sigterm_leaves_an_interrupted_results_json(tmp_path: Path) -> None:
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "interrupted" and "SIGTERM" in res["error"]
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
+
+
+def test_non_finite_loss_ends_as_diverged(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ok(cli("train.py", "model=pcdeq_linear", "optim.lr=1e12", "trainer.max_epochs=5", "num_threads=1",
+           f"hydra.run.dir={run}", log_dir=tmp_path))
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "diverged" and res["epochs"] < 5 and res["test/acc"] is None
