@@ -157,6 +157,8 @@ def train(cfg: DictConfig) -> dict:
     started = _now()
     config = _resolve(cfg)
     run_dir = Path(config["paths"]["output_dir"])
+    if config.get("ckpt_path") and not Path(config["ckpt_path"]).is_file():
+        raise UserError(f"ckpt_path not found: {config['ckpt_path']} (a run keeps <run dir>/checkpoints/last.ckpt)")
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     L.seed_everything(int(config["seed"]), workers=True)

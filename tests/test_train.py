@@ -122,6 +122,7 @@ BAD_INPUT = [
     (["solver.bwd_tol=-1e-3"], "solver.bwd_tol must be a positive"),
     (["solver.fwd_max_iter=0"], "solver.fwd_max_iter must be an integer >= 1"),
     (["dataset=mnist", "dataset.download=false", "paths.data_dir={tmp}"], "MNIST/raw/train-images-idx3-ubyte"),
+    (["ckpt_path={tmp}/none.ckpt"], "ckpt_path not found"),
 ]
 
 
