@@ -137,8 +137,10 @@ def fixed_point_iter(
         z_new = f(z)
         res = relative_residual(z_new, z, stop_mode)
         stats.iters = k
-        rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
-        if not (math.isfinite(rmax) and bool(torch.isfinite(z_new).all())):
+        # One host sync per iteration: the stopping decision needs it. A NaN or Inf anywhere in z_new makes its
+        # sample's residual NaN (inf / inf), and max propagates NaN, so this one check also catches non-finite z.
+        rmax = float(res.max())
+        if not math.isfinite(rmax):
             return z_new, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
         stats.history.append(rmax)
         z = z_new
@@ -188,7 +190,7 @@ def anderson(
     z = F[:, 0].reshape(shape)
     res = relative_residual(F[:, 0].reshape(shape), z0, stop_mode)
     rmax = float(res.max())
-    if not math.isfinite(rmax) or not bool(torch.isfinite(z).all()):
+    if not math.isfinite(rmax):  # non-finite values in z make the residual NaN (see fixed_point_iter)
         return z, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
     stats.history.append(rmax)
     if rmax <= tol or max_iter == 1:
@@ -203,7 +205,7 @@ def anderson(
         x_k, f_k = X[:, newest].reshape(shape), F[:, newest].reshape(shape)
         res = relative_residual(f_k, x_k, stop_mode)
         rmax = float(res.max())
-        if not math.isfinite(rmax) or not bool(torch.isfinite(f_k).all()):
+        if not math.isfinite(rmax):
             return f_k, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
         stats.history.append(rmax)
         if rmax <= tol or k >= max_iter:
