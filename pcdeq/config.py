@@ -21,18 +21,16 @@ class ConfigError(ValueError):
     """A user-facing configuration problem (one line that names the key and the fix)."""
 
 
-def split_model_name(name: str) -> tuple[str, str]:
-    """'pcdeq_conv' -> ('pcdeq', 'conv'); the error lists every valid model."""
-    family, _, arch = str(name).partition("_")
+def check_model(family: str, arch: str) -> None:
+    """Validate a (family, arch) pair; the error lists every valid model."""
     if family not in MODEL_FAMILIES or arch not in MODEL_FAMILIES[family]:
         valid = ", ".join(f"{f}_{a}" for f, archs in MODEL_FAMILIES.items() for a in archs)
-        raise ConfigError(f"unknown model {name!r}; valid choices: {valid}")
-    return family, arch
+        raise ConfigError(f"unknown model {family}_{arch}; valid choices: {valid}")
 
 
-def paper_channels(model_name: str, dataset: str) -> Any:
+def paper_channels(family: str, arch: str, dataset: str) -> Any:
     """Hidden size of the published model for a dataset (the ``${paper_channels:...}`` resolver)."""
-    family, arch = split_model_name(model_name)
+    check_model(family, arch)
     if family == "pcdeq":
         from pcdeq.models import paper_channels as pc
     else:
@@ -62,7 +60,8 @@ def solver_config(solver: Mapping) -> SolverConfig:
 def build_net(cfg: Mapping) -> nn.Module:
     """The network described by a resolved config (keys model, dataset, solver)."""
     model, solver = cfg["model"], cfg["solver"]
-    family, arch = split_model_name(model["name"])
+    family, arch = model["family"], model["arch"]  # the model's name is only a label
+    check_model(family, arch)
     if solver.get("family") != family:
         raise ConfigError(
             f"solver {solver.get('fwd_solver', solver.get('name'))!r} is for {solver.get('family')} models, not "
