@@ -10,13 +10,13 @@ help:
 	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
 	@echo "make test        the test suite (fast tests, ~5 min on 2 cores)"
 	@echo "make test-slow   only the tests marked slow"
-	@echo "make lint        ruff"
+	@echo "make lint        ruff and mypy"
 	@echo "make install     create $(VENV) and install pcdeq in editable mode (idempotent)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,sweep]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,sweep,tables]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +35,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pcdeq tests scripts train.py eval.py
+	$(BIN)/mypy
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

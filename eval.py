@@ -3,8 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-import pcdeq.config  # noqa: F401  (registers the config resolvers)
-from pcdeq.pipeline import evaluate, run_cli
+from pcdeq.training.pipeline import evaluate, run_cli  # also registers the config schemas and resolvers
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

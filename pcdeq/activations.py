@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pcdeq.errors import ConfigError
+
 Tensor = torch.Tensor
 
 
@@ -77,7 +79,7 @@ def register_activation(name: str, fn: Callable[[Tensor], Tensor], variant: str,
         The registered :class:`Activation`.
     """
     if variant not in INJECTIONS:
-        raise ValueError(f"unknown variant {variant!r}; valid choices: {', '.join(INJECTIONS)}")
+        raise ConfigError(f"unknown variant {variant!r}; valid choices: {', '.join(INJECTIONS)}")
     if check:
         _check_concave(name, fn)
         if variant == "pcdeq2" and not float(fn(torch.zeros((), dtype=torch.float64))) > 0:
@@ -91,14 +93,14 @@ def get_activation(name: str, variant: str | None = None) -> Activation:
     """Look an activation up, optionally insisting on its variant.
 
     Raises:
-        ValueError: unknown name, or a name paired with the wrong variant; the message lists the valid choices.
+        ConfigError: unknown name, or a name paired with the wrong variant; the message lists the valid choices.
     """
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid choices: {_valid_choices()}")
+        raise ConfigError(f"unknown activation {name!r}; valid choices: {_valid_choices()}")
     act = ACTIVATIONS[name]
     if variant is not None and variant != act.variant:
         valid = ", ".join(a.name for a in ACTIVATIONS.values() if a.variant == variant) or "none"
-        raise ValueError(
+        raise ConfigError(
             f"activation {name!r} belongs to variant {act.variant!r}, not {variant!r}; "
             f"valid activations for {variant!r}: {valid} (all: {_valid_choices()})"
         )

@@ -36,7 +36,7 @@ def collatz_wielandt_bound(layer: PcDEQLayer, z_star: Tensor, x_inj: Tensor) -> 
     w = layer.W.weight()
     with warnings.catch_warnings():  # torch.func.jvp trips an internal torch.jit.script deprecation warning
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        _, jz = torch.func.jvp(lambda z: layer.map(z, x_inj, w), (z_star,), (z_star,))
+        jz = torch.func.jvp(lambda z: layer.map(z, x_inj, w), (z_star,), (z_star,))[1]
     tiny = torch.finfo(z_star.dtype).tiny  # z* > 0 in exact arithmetic; guard underflow to 0
     return (jz / z_star.clamp_min(tiny)).flatten(1).amax(dim=1)
 

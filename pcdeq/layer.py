@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq.activations import Activation, get_activation
+from pcdeq.errors import ConfigError
 from pcdeq.solvers import SolverConfig, SolverStats
 
 Tensor = torch.Tensor
@@ -34,7 +35,7 @@ class NonnegWeight(nn.Module):
     def __init__(self, channels: int, kind: str = "dense") -> None:
         super().__init__()
         if kind not in ("dense", "conv"):
-            raise ValueError(f"unknown weight kind {kind!r}; valid choices: dense, conv")
+            raise ConfigError(f"unknown weight kind {kind!r}; valid choices: dense, conv")
         self.kind = kind
         shape = (channels, channels) if kind == "dense" else (channels, channels, 3, 3)
         v = torch.rand(shape) * INIT_SCALE / math.sqrt(shape[0] + shape[1])
@@ -51,8 +52,8 @@ class NonnegWeight(nn.Module):
         safe = torch.where(norm > 0, norm, torch.ones_like(norm))
         return self.g.reshape_as(norm) * self.v / safe
 
-    def apply(self, z: Tensor, weight: Tensor | None = None) -> Tensor:  # noqa: A003 - W z
-        """W z for a batch z ([B, C] dense, [B, C, H, W] conv)."""
+    def matvec(self, z: Tensor, weight: Tensor | None = None) -> Tensor:
+        """W z for a batch z ([B, C] dense, [B, C, H, W] conv); ``weight`` reuses a W computed once."""
         w = self.weight() if weight is None else weight
         return F.linear(z, w) if self.kind == "dense" else F.conv2d(z, w, padding=1)
 
@@ -98,7 +99,7 @@ class PcDEQLayer(nn.Module):
 
     def map(self, z: Tensor, x_inj: Tensor, weight: Tensor | None = None) -> Tensor:
         """g_x(z) = sigma(W z + x~)."""
-        return self.act.fn(self.W.apply(z, weight) + x_inj)
+        return self.act.fn(self.W.matvec(z, weight) + x_inj)
 
     def forward(self, x: Tensor) -> Tensor:
         x_inj = self.act.injection(x)

@@ -1,4 +1,4 @@
-"""One builder for the pcDEQ networks of the reference: linear, single conv and multi conv.
+"""The pcDEQ family: one builder for the reference's networks (linear, single conv, multi conv) and its registry entry.
 
 Layer order (P = the variant's injection, applied inside each :class:`PcDEQLayer`; BN = batch norm):
 
@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from pcdeq.activations import get_activation
-from pcdeq.data import get_spec
+from pcdeq.certificate import convergence_certificate
+from pcdeq.datasets import get_spec
+from pcdeq.errors import ConfigError
+from pcdeq.family import Family, register_family
 from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig
+from pcdeq.solvers import SolverConfig, collect_stats
 
 ARCHS = ("linear", "conv", "multiconv")
 
@@ -43,16 +49,52 @@ PAPER_SIZES: dict[str, dict[str, int | tuple[int, ...]]] = {
 DEFAULT_SIZES: dict[str, int | tuple[int, ...]] = {"linear": 80, "conv": 125, "multiconv": (20, 50, 80)}  # ours
 
 
+@dataclass
+class PcdeqOptions:
+    """pcDEQ model options (``model.*`` besides family, arch, name and channels).
+
+    Attributes:
+        activation: "tanh", "softsign", "relu6" (pcDEQ-1), "sigmoid" (pcDEQ-2) or a registered one.
+        variant: optional check that the activation belongs to "pcdeq1" or "pcdeq2".
+    """
+
+    activation: str = "tanh"
+    variant: str | None = None
+
+
 class PcDEQNet(nn.Sequential):
-    """A feed-forward stack holding one or more pcDEQ layers."""
+    """A feed-forward stack holding one or more pcDEQ layers; implements :class:`pcdeq.family.EquilibriumNet`."""
+
+    family = "pcdeq"
 
     def deq_layers(self) -> list[PcDEQLayer]:
+        """The pcDEQ layers, in order."""
         return [m for m in self.modules() if isinstance(m, PcDEQLayer)]
 
     def project_(self) -> None:
         """Project every pcDEQ weight onto the nonnegative orthant (after each optimizer step)."""
         for layer in self.deq_layers():
             layer.project_()
+
+    def solver_stats(self) -> dict[str, dict[str, float]]:
+        """Forward/backward statistics of the last solves, summarised over the layers."""
+        return collect_stats(self)
+
+    def on_train_batch_start(self, x: torch.Tensor, batch_idx: int, num_batches: int) -> None:
+        """Nothing to do before a pcDEQ training step."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """No per-epoch state beyond the solver statistics."""
+        return {}
+
+    def certificate(self) -> dict[str, float]:
+        """The Collatz-Wielandt certificate of the last forward pass (see :mod:`pcdeq.certificate`)."""
+        return convergence_certificate(self)
+
+    def describe(self) -> dict[str, Any]:
+        """Activation, variant and forward solver, for results.json."""
+        layer = self.deq_layers()[0]
+        return {"activation": layer.act.name, "variant": layer.act.variant, "solver": layer.solver.fwd_solver}
 
 
 def _conv_out(side: int, stride: int, pad: int) -> int:
@@ -85,18 +127,17 @@ def build_network(
     act = get_activation(activation, variant)
     solver = solver or SolverConfig()
     c_in, side = int(input_shape[0]), int(input_shape[-1])
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; valid choices: {', '.join(ARCHS)}")
+    PCDEQ.check_arch(arch)
     if arch == "multiconv":
         chs = tuple(int(c) for c in (channels if isinstance(channels, Sequence) else [channels]))
         if len(chs) != 3:
-            raise ValueError(f"multiconv needs three channel counts, got {channels!r}")
+            raise ConfigError(f"multiconv needs three channel counts, got {channels!r}")
     else:
         if isinstance(channels, Sequence):
-            raise ValueError(f"{arch} needs one channel count, got {channels!r}")
+            raise ConfigError(f"{arch} needs one channel count, got {channels!r}")
         chs = (int(channels),)
     if min(chs) < 1:
-        raise ValueError(f"channel counts must be >= 1, got {chs}")
+        raise ConfigError(f"channel counts must be >= 1, got {chs}")
 
     if arch == "linear":
         ch = chs[0]
@@ -115,7 +156,7 @@ def build_network(
         stride, pad = (1, 1) if i == 0 else (2, 0)
         side = _conv_out(side, stride, pad)
         if side < 1:
-            raise ValueError(f"input side {input_shape[-1]} is too small for {arch}")
+            raise ConfigError(f"input side {input_shape[-1]} is too small for {arch}")
         layers += [
             nn.Conv2d(prev, ch, 3, stride=stride, padding=pad),
             nn.BatchNorm2d(ch),
@@ -127,14 +168,6 @@ def build_network(
     pool = min(8 if arch == "conv" else 4, side)
     layers += [nn.AvgPool2d(pool), nn.Flatten(), nn.Linear(prev * (side // pool) ** 2, num_classes)]
     return PcDEQNet(*layers)
-
-
-def paper_channels(arch: str, dataset: str) -> int | tuple[int, ...]:
-    """The paper's hidden size for (arch, dataset), or this project's default where the paper has none."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; valid choices: {', '.join(ARCHS)}")
-    get_spec(dataset)
-    return PAPER_SIZES[arch].get(dataset, DEFAULT_SIZES[arch])
 
 
 def build_model(
@@ -160,5 +193,18 @@ def build_model(
         The network; e.g. ``build_model("linear", "mnist")`` has 70,410 parameters.
     """
     spec = get_spec(dataset)
-    size = paper_channels(arch, dataset) if channels is None else channels
+    size = PCDEQ.paper_size(arch, dataset) if channels is None else channels
     return build_network(arch, spec.shape, spec.num_classes, size, activation, variant, solver)
+
+
+PCDEQ = register_family(Family(
+    name="pcdeq",
+    archs=ARCHS,
+    sizes=PAPER_SIZES,
+    default_sizes=DEFAULT_SIZES,
+    build=build_model,
+    solver_kind="map",
+    default_solver=SolverConfig(),
+    protocols={arch: "pcdeq" for arch in ARCHS},
+    options=PcdeqOptions,
+))

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from pcdeq.errors import ConfigError
 
 Tensor = torch.Tensor
 FixedPointMap = Callable[[Tensor], Tensor]
@@ -61,11 +64,6 @@ class SolverStats:
         tail = h[-(last + 1):]
         return (tail[-1] / tail[0]) ** (1.0 / (len(tail) - 1))
 
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("history")
-        return d
-
 
 def relative_residual(z_new: Tensor, z_old: Tensor, stop_mode: str = "sample") -> Tensor:
     """Relative step per sample (shape [B]) or for the whole batch (shape [1])."""
@@ -82,11 +80,11 @@ def relative_residual(z_new: Tensor, z_old: Tensor, stop_mode: str = "sample") -
 def check_solver_args(tol: float, max_iter: int, stop_mode: str, key: str = "") -> None:
     """Validate solver settings; ``key`` prefixes the names in the message (e.g. "solver.fwd_")."""
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"{key}tol must be a positive finite number, got {tol!r} (e.g. {key}tol=1e-4)")
+        raise ConfigError(f"{key}tol must be a positive finite number, got {tol!r} (e.g. {key}tol=1e-4)")
     if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"{key}max_iter must be an integer >= 1, got {max_iter!r} (e.g. {key}max_iter=200)")
+        raise ConfigError(f"{key}max_iter must be an integer >= 1, got {max_iter!r} (e.g. {key}max_iter=200)")
     if stop_mode not in STOP_MODES:
-        raise ValueError(f"unknown stop_mode {stop_mode!r}; valid choices: {', '.join(STOP_MODES)}")
+        raise ConfigError(f"unknown stop_mode {stop_mode!r}; valid choices: {', '.join(STOP_MODES)}")
 
 
 def finish_stats(stats: SolverStats, res: Tensor, tol: float, nonfinite: bool, batch_size: int) -> SolverStats:
@@ -226,34 +224,60 @@ def anderson(
         stats.iters = k
 
 
-SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
-    "fixed_point": fixed_point_iter,
-    "anderson": anderson,
-}
+SolverFn = Callable[..., tuple[Any, SolverStats]]
+SOLVERS: dict[str, SolverFn] = {}
+SOLVER_KINDS: dict[str, str] = {}  # name -> the problem the solver takes: "map" (z = f(z)) or "splitting"
 
 
-def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverStats]]) -> None:
-    """Make ``fn`` available by name (signature as :func:`fixed_point_iter`)."""
+def register_solver(name: str, fn: SolverFn, kind: str = "map") -> None:
+    """Make ``fn`` available by name.
+
+    Args:
+        name: registry key (``solver.fwd_solver`` / ``solver.bwd_solver`` in the configs).
+        fn: the solver. Kind "map": ``fn(f, z0, *, tol, max_iter, stop_mode)`` as :func:`fixed_point_iter`;
+            kind "splitting": ``fn(problem, alpha, *, tol, max_iter, stop_mode)`` as monDEQ's
+            :func:`pcdeq.mondeq.splitting.peaceman_rachford`.
+        kind: the problem the solver takes; a model family runs solvers of one kind.
+    """
     SOLVERS[name] = fn
+    SOLVER_KINDS[name] = kind
 
 
-def get_solver(name: str) -> Callable[..., tuple[Tensor, SolverStats]]:
-    """Look a solver up by name; the error lists the valid names."""
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; valid choices: {', '.join(sorted(SOLVERS))}") from None
+def solver_kind(name: str) -> str:
+    """The kind of a registered solver; the error lists the valid names."""
+    if name not in SOLVERS:
+        raise ConfigError(f"unknown solver {name!r}; valid choices: {', '.join(sorted(SOLVERS))}")
+    return SOLVER_KINDS[name]
+
+
+def get_solver(name: str, kind: str | None = None) -> SolverFn:
+    """Look a solver up by name (and check its kind); the error lists the valid names."""
+    if solver_kind(name) != (kind or SOLVER_KINDS[name]):
+        valid = ", ".join(sorted(n for n, k in SOLVER_KINDS.items() if k == kind))
+        raise ConfigError(f"solver {name!r} is a {SOLVER_KINDS[name]} solver, not a {kind} solver; valid: {valid}")
+    return SOLVERS[name]
+
+
+register_solver("fixed_point", fixed_point_iter)
+register_solver("anderson", anderson)
 
 
 @dataclass
 class SolverConfig:
-    """Forward and backward solver settings, set independently.
+    """Solver settings of every model family, forward and backward set independently.
+
+    This is the one shape of solver settings: the ``solver`` config group, the pcDEQ layer and the monDEQ
+    model all take it. Names are checked against the registry here; whether the kind of solver suits the
+    model is checked by the model family.
 
     Attributes:
-        fwd_solver / bwd_solver: registry names ("fixed_point", "anderson").
+        fwd_solver / bwd_solver: registry names ("fixed_point", "anderson" for pcDEQ; "peaceman_rachford",
+            "forward_backward" for monDEQ).
         fwd_tol / bwd_tol: tolerance on the relative step.
         fwd_max_iter / bwd_max_iter: iteration caps.
-        stop_mode: "sample" (per-sample residual) or "batch" (the reference's whole-batch criterion).
+        stop_mode: "sample" (per-sample residual) or "batch" (one whole-batch residual, the reference's).
+        alpha: step of the splitting solvers (monDEQ; tuned during training when ``alpha_tuning``).
+        alpha_tuning: monDEQ's rule that retunes alpha at batch 30 and at mid-epoch.
     """
 
     fwd_solver: str = "fixed_point"
@@ -263,19 +287,23 @@ class SolverConfig:
     bwd_tol: float = 1e-4
     bwd_max_iter: int = 200
     stop_mode: str = "sample"
+    alpha: float = 1.0
+    alpha_tuning: bool = True
 
     def __post_init__(self) -> None:
         for which in ("fwd", "bwd"):
-            get_solver(getattr(self, f"{which}_solver"))
+            solver_kind(getattr(self, f"{which}_solver"))
             tol, max_iter = getattr(self, f"{which}_tol"), getattr(self, f"{which}_max_iter")
             if isinstance(max_iter, float) and max_iter.is_integer():
                 max_iter = int(max_iter)
                 setattr(self, f"{which}_max_iter", max_iter)
             check_solver_args(tol, max_iter, self.stop_mode, key=f"solver.{which}_")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"solver.alpha must be a positive finite number, got {self.alpha!r} (e.g. 1.0)")
 
     def solve(self, which: str, f: FixedPointMap, z0: Tensor) -> tuple[Tensor, SolverStats]:
-        """Run the forward ("fwd") or backward ("bwd") solver on f from z0."""
-        solver = get_solver(getattr(self, f"{which}_solver"))
+        """Run the forward ("fwd") or backward ("bwd") map solver on f from z0."""
+        solver = get_solver(getattr(self, f"{which}_solver"), kind="map")
         return solver(
             f, z0, tol=getattr(self, f"{which}_tol"), max_iter=getattr(self, f"{which}_max_iter"),
             stop_mode=self.stop_mode,

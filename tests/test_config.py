@@ -8,8 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import pcdeq.config  # noqa: F401  (resolvers)
-from pcdeq.config import build_net
+from pcdeq.family import get_family
+from pcdeq.solvers import solver_kind
+from pcdeq.training.config import net_from_config
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 DATASETS = ["digits", "mnist", "svhn", "cifar10", "cifar10_aug"]
@@ -57,20 +58,20 @@ def test_pcdeq_model_dataset_pairs(model: str, dataset: str) -> None:
         assert cfg.optim.scheduler.gamma == pytest.approx(0.1)
     assert cfg.dataset.normalize is (dataset not in ("mnist", "digits"))  # reference: MNIST is ToTensor only
     # The network the config describes builds, with the configured width.
-    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
 def test_cifar10_conv_is_the_paper_model() -> None:
     cfg = compose_train("model=pcdeq_conv", "dataset=cifar10")
-    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert sum(p.numel() for p in net.parameters()) == 164_760
     assert (cfg.trainer.max_epochs, cfg.optim.weight_decay, cfg.dataset.batch_size) == (120, 2e-2, 64)
 
 
 def test_activation_switches_variant() -> None:
     cfg = compose_train("model=pcdeq_linear", "dataset=mnist", "model.activation=sigmoid")
-    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert net.deq_layers()[0].act.variant == "pcdeq2"
     assert sum(p.numel() for p in net.parameters()) == 70_410
 
@@ -81,7 +82,7 @@ def test_overrides_reach_every_group() -> None:
     assert cfg.solver.fwd_solver == "anderson" and cfg.solver.fwd_tol == 1e-6 and cfg.solver.bwd_max_iter == 7
     assert cfg.optim.lr == 0.1 and cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
     assert cfg.seed == 5 and cfg.dataset.val_size == 100
-    layer = build_net(resolved(cfg, "model", "dataset", "solver")).deq_layers()[0]
+    layer = net_from_config(resolved(cfg, "model", "dataset", "solver")).deq_layers()[0]
     assert layer.solver.fwd_solver == "anderson" and layer.solver.bwd_max_iter == 7
 
 
@@ -112,6 +113,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 def test_every_experiment_composes_to_its_table_row(name: str) -> None:
     cfg = compose_train(f"experiment={name}")
     assert f"{cfg.model.name}_{cfg.dataset.name}" == name == cfg.experiment_name
-    assert cfg.solver.family == cfg.model.family and cfg.trainer.max_epochs >= 40
-    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    assert solver_kind(cfg.solver.fwd_solver) == get_family(cfg.model.family).solver_kind
+    assert cfg.trainer.max_epochs >= 40
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert sum(p.numel() for p in net.parameters()) > 0

@@ -1,4 +1,4 @@
-"""Tests for pcdeq.data: each dataset is read from small files written in its real on-disk format."""
+"""Tests for pcdeq.training.data: each dataset is read from small files written in its real on-disk format."""
 
 from __future__ import annotations
 
@@ -13,14 +13,9 @@ import pytest
 import scipy.io
 import torch
 
-from pcdeq.data import (
-    DATASET_SPECS,
-    DataNotFoundError,
-    EquilibriumDataModule,
-    _Source,
-    dataset_summary,
-    get_spec,
-)
+from pcdeq.datasets import DATASET_SPECS, get_spec
+from pcdeq.errors import DataNotFoundError
+from pcdeq.training.data import EquilibriumDataModule, _Source, dataset_summary
 
 # ---------------------------------------------------------------- writers of the real file formats
 
@@ -345,7 +340,7 @@ def test_unknown_name() -> None:
 
 
 def test_epoch_shuffle_depends_only_on_seed_and_epoch() -> None:
-    from pcdeq.data import EpochShuffleSampler
+    from pcdeq.training.data import EpochShuffleSampler
 
     a, b = EpochShuffleSampler(50, seed=3), EpochShuffleSampler(50, seed=3)
     first = list(a)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from pcdeq.activations import ACTIVATIONS, get_activation, register_activation
+from pcdeq.family import get_family
 from pcdeq.layer import PcDEQLayer
-from pcdeq.models import PAPER_SIZES, build_model, build_network, paper_channels
+from pcdeq.models import PAPER_SIZES, build_model, build_network
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 
@@ -121,7 +122,7 @@ def test_output_shape_every_pair(arch: str, dataset: str) -> None:
 def test_digits_included() -> None:
     # the project's small dataset must be available for every architecture
     assert {arch for arch, ds in ALL_PAIRS if ds == "digits"} == {"linear", "conv", "multiconv"}
-    assert paper_channels("multiconv", "digits") == (16, 32, 48)
+    assert get_family("pcdeq").paper_size("multiconv", "digits") == (16, 32, 48)
 
 
 # --------------------------------------------------------------------------- projection after training steps
@@ -189,7 +190,7 @@ def test_activation_with_right_variant_accepted() -> None:
     [
         lambda: build_model("transformer", "mnist"),
         lambda: build_network("transformer", (1, 8, 8), 10, 16),
-        lambda: paper_channels("transformer", "mnist"),
+        lambda: get_family("pcdeq").paper_size("transformer", "mnist"),
     ],
 )
 def test_unknown_arch_lists_choices(build) -> None:

@@ -15,15 +15,23 @@ import torch
 from pcdeq.mondeq import build_mondeq, tune_alpha
 from pcdeq.mondeq.circular import cconv, cconv_t, down, down_t, freq_apply, kernel_spectrum
 from pcdeq.mondeq.splitting import SplittingProblem, forward_backward, peaceman_rachford
-from pcdeq.solvers import collect_stats
+from pcdeq.solvers import SolverConfig, collect_stats
 
 TINY = {"fc": 6, "conv": 3, "multitier": (2, 3, 4)}
 
 
-def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, **kw) -> torch.nn.Module:
+def splitting(solver: str = "peaceman_rachford", alpha: float = 1.0, tol: float = 1e-2, max_iter: int = 300,
+              **kw) -> SolverConfig:
+    """monDEQ solver settings, the same forward and backward (as the authors)."""
+    return SolverConfig(fwd_solver=solver, bwd_solver=solver, alpha=alpha, fwd_tol=tol, bwd_tol=tol,
+                        fwd_max_iter=max_iter, bwd_max_iter=max_iter, **{"stop_mode": "batch", **kw})
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, m: float = 1.0,
+               **solver_kw) -> torch.nn.Module:
     """A small digits model with randomised scalars (so g, gn, h != 1 are exercised too)."""
     torch.manual_seed(seed)
-    model = build_mondeq(arch, "digits", channels=TINY[arch], **kw).to(dtype)
+    model = build_mondeq(arch, "digits", channels=TINY[arch], m=m, solver=splitting(**solver_kw)).to(dtype)
     op = model.operator
     with torch.no_grad():
         for name in ("g_param", "h_param", "gn_param"):
@@ -76,20 +84,21 @@ def test_tier_grids():
 
 
 @pytest.mark.parametrize(
-    "kwargs,words",
+    "build,words",
     [
-        ({"arch": "resnet", "dataset": "mnist"}, ["fc", "conv", "multitier"]),
-        ({"arch": "fc", "dataset": "imagenet"}, ["mnist", "cifar10"]),
-        ({"arch": "fc", "dataset": "mnist", "solver": "anderson"}, ["peaceman_rachford", "forward_backward"]),
-        ({"arch": "fc", "dataset": "mnist", "stop_mode": "tier"}, ["sample", "batch"]),
-        ({"arch": "conv", "dataset": "mnist", "m": 0.0}, ["m"]),
-        ({"arch": "conv", "dataset": "mnist", "channels": (4, 4)}, ["one width"]),
-        ({"arch": "multitier", "dataset": "mnist", "channels": 4}, ["two"]),
+        (lambda: build_mondeq("resnet", "mnist"), ["fc", "conv", "multitier"]),
+        (lambda: build_mondeq("fc", "imagenet"), ["mnist", "cifar10"]),
+        (lambda: build_mondeq("fc", "mnist", solver=SolverConfig(fwd_solver="anderson")),
+         ["peaceman_rachford", "forward_backward"]),
+        (lambda: build_mondeq("fc", "mnist", solver=splitting(stop_mode="tier")), ["sample", "batch"]),
+        (lambda: build_mondeq("conv", "mnist", m=0.0), ["m"]),
+        (lambda: build_mondeq("conv", "mnist", channels=(4, 4)), ["one width"]),
+        (lambda: build_mondeq("multitier", "mnist", channels=4), ["two"]),
     ],
 )
-def test_invalid_arguments(kwargs, words):
+def test_invalid_arguments(build, words):
     with pytest.raises(ValueError) as err:
-        build_mondeq(**kwargs)
+        build()
     for w in words:
         assert w in str(err.value)
 
@@ -237,14 +246,12 @@ def test_model_stats_and_stop_modes():
         model(x)
     batch = model.last_stats["forward"]
     assert batch.converged and batch.iters == len(batch.history) and batch.residual_max <= 1e-3
-    model.stop_mode = "sample"
+    model.solver = splitting(tol=1e-3, stop_mode="sample")
     with torch.no_grad():
         model(x)
     sample = model.last_stats["forward"]
     assert sample.converged and sample.n_not_converged == 0 and sample.residual_max <= 1e-3
-    model.stop_mode = "batch"
-    model.max_iter = 2
-    model.tol = 1e-12
+    model.solver = splitting(tol=1e-12, max_iter=2)
     with torch.no_grad():
         model(x)
     capped = model.last_stats["forward"]
@@ -358,14 +365,14 @@ def test_alpha_tuning_hook():
     for batch_idx in (0, 29, 31, 99):  # not a tuning batch (mid-epoch of 200 batches is 100)
         model.on_train_batch_start(x, batch_idx, 200)
         assert model.alpha == 0.3
-    expected = tune_alpha(lambda a: model.forward_iterations(x, a), 0.3, model.max_iter)
+    expected = tune_alpha(lambda a: model.forward_iterations(x, a), 0.3, model.solver.fwd_max_iter)
     assert model.alpha == 0.3  # probing does not change alpha
     model.on_train_batch_start(x, 30, 200)
     assert model.alpha == expected
     model.alpha = 0.3
     model.on_train_batch_start(x, 100, 200)
     assert model.alpha == expected
-    model.alpha, model.alpha_tuning = 0.3, False
+    model.alpha, model.solver = 0.3, splitting(alpha=0.3, alpha_tuning=False)
     model.on_train_batch_start(x, 30, 200)
     assert model.alpha == 0.3
 

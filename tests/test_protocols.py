@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pcdeq.config import build_net
-from pcdeq.optim import OneCycle, build_optimizer, build_scheduler
 from pcdeq.results import atomic_write_json, read_results, write_results
+from pcdeq.training.config import net_from_config
+from pcdeq.training.optim import OneCycle, build_optimizer, build_scheduler
 from tests.test_config import compose_train, resolved
 
 # (model, dataset) -> (parameters, lr, schedule name, step size or max lr, epochs), from the monDEQ paper.
@@ -31,8 +31,10 @@ MONDEQ = {
 def test_mondeq_paper_configs(model: str, dataset: str) -> None:
     params, lr, schedule, arg, epochs = MONDEQ[(model, dataset)]
     cfg = compose_train(f"model={model}", f"dataset={dataset}")
-    assert cfg.solver.solver == "peaceman_rachford" and cfg.solver.tol == pytest.approx(1e-2)
-    assert cfg.solver.max_iter == 300 and cfg.solver.alpha_tuning is True and cfg.model.m == 1.0
+    for which in ("fwd", "bwd"):  # the authors: the same settings forward and backward
+        assert cfg.solver[f"{which}_solver"] == "peaceman_rachford" and cfg.solver[f"{which}_tol"] == 1e-2
+        assert cfg.solver[f"{which}_max_iter"] == 300
+    assert cfg.solver.alpha_tuning is True and cfg.solver.stop_mode == "batch" and cfg.model.m == 1.0
     assert cfg.optim.name == "adam" and cfg.optim.lr == pytest.approx(lr)
     assert cfg.dataset.batch_size == 128 and cfg.dataset.normalize is True and cfg.trainer.max_epochs == epochs
     sched = cfg.optim.scheduler
@@ -42,7 +44,7 @@ def test_mondeq_paper_configs(model: str, dataset: str) -> None:
     else:
         assert sched.max_lr == pytest.approx(arg) and (sched.up_epochs, sched.down_epochs) == (30, 30)
         assert list(sched.beta1) == [0.95, 0.85]
-    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert sum(p.numel() for p in net.parameters()) == params
 
 
@@ -50,15 +52,15 @@ def test_mondeq_paper_configs(model: str, dataset: str) -> None:
 @pytest.mark.parametrize("model", ["mondeq_fc", "mondeq_conv", "mondeq_multitier"])
 def test_every_mondeq_pair_composes_and_builds(model: str, dataset: str) -> None:
     cfg = compose_train(f"model={model}", f"dataset={dataset}", "solver=forward_backward")
-    assert cfg.solver.solver == "forward_backward" and cfg.solver.alpha <= 0.125
-    net = build_net(resolved(cfg, "model", "dataset", "solver"))
+    assert cfg.solver.fwd_solver == cfg.solver.bwd_solver == "forward_backward" and cfg.solver.alpha <= 0.125
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert net.alpha == pytest.approx(cfg.solver.alpha)
 
 
 def test_pcdeq_solver_on_mondeq_model_is_refused() -> None:
     cfg = compose_train("model=mondeq_fc", "dataset=mnist", "solver=fixed_point")
     with pytest.raises(ValueError, match="solver=peaceman_rachford or solver=forward_backward for mondeq"):
-        build_net(resolved(cfg, "model", "dataset", "solver"))
+        net_from_config(resolved(cfg, "model", "dataset", "solver"))
 
 
 def test_onecycle_follows_the_monDEQ_schedule() -> None:

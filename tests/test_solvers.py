@@ -336,7 +336,6 @@ def test_contraction_ratio_is_geometric_mean_of_last_ratios() -> None:
     stats = SolverStats(history=[1.0, 0.9, 0.4, 0.2, 0.1, 0.05])
     assert stats.contraction_ratio(last=3) == pytest.approx(0.5)  # 0.4 -> 0.05 in 3 steps
     assert math.isnan(SolverStats(history=[0.3]).contraction_ratio())
-    assert "history" not in stats.as_dict()
 
 
 def test_collect_stats_aggregates_over_layers() -> None:

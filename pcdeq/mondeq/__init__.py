@@ -5,36 +5,26 @@ Modules:
     operators: the monotone parameterisations of W (dense; convolutional tiers = single conv / multi-tier).
     resolvents: V = (I + alpha (I - W))^-1 (dense inverse; FFT per frequency, Woodbury for stride-2 coupling).
     splitting: Peaceman-Rachford and forward-backward solvers, implicit backward, alpha tuning.
-    models: the :class:`MonDEQ` model and :func:`build_mondeq`.
+    models: the :class:`MonDEQ` model, :func:`build_mondeq` and the family's registry entry (``MONDEQ``).
 """
 
-from .models import ARCHS, DEFAULT_CHANNELS, MonDEQ, build_mondeq, paper_channels
+from .models import MONDEQ, PAPER_SOLVER, MonDEQ, build_mondeq
 from .operators import ConvTiersMonotone, DenseMonotone
 from .resolvents import ConvResolvent, DenseResolvent, TierInverse
-from .splitting import (
-    SPLITTING_SOLVERS,
-    SplittingProblem,
-    forward_backward,
-    get_splitting_solver,
-    peaceman_rachford,
-    tune_alpha,
-)
+from .splitting import SplittingProblem, forward_backward, peaceman_rachford, tune_alpha
 
 __all__ = [
-    "ARCHS",
-    "DEFAULT_CHANNELS",
+    "MONDEQ",
+    "PAPER_SOLVER",
     "MonDEQ",
     "build_mondeq",
-    "paper_channels",
     "ConvTiersMonotone",
     "DenseMonotone",
     "ConvResolvent",
     "DenseResolvent",
     "TierInverse",
-    "SPLITTING_SOLVERS",
     "SplittingProblem",
     "forward_backward",
-    "get_splitting_solver",
     "peaceman_rachford",
     "tune_alpha",
 ]

@@ -20,29 +20,27 @@ Linear; multitier -> flatten the last tier (border included) -> Linear.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from pcdeq.data import get_spec
-from pcdeq.solvers import SolverStats, check_solver_args
+from pcdeq.datasets import get_spec
+from pcdeq.errors import ConfigError
+from pcdeq.family import Family, register_family
+from pcdeq.solvers import SolverConfig, SolverStats, collect_stats, get_solver
 
 from .operators import ConvTiersMonotone, DenseMonotone
-from .splitting import (
-    ImplicitBackwardSpec,
-    SplittingProblem,
-    get_splitting_solver,
-    implicit_backward,
-    tune_alpha,
-)
+from .splitting import ImplicitBackwardSpec, SplittingProblem, implicit_backward, tune_alpha
 
 Tensor = torch.Tensor
 
 ARCHS = ("fc", "conv", "multitier")
 
-DEFAULT_CHANNELS: dict[str, dict[str, int | tuple[int, ...]]] = {
+# The authors' sizes (fc on svhn/cifar10/cifar10_aug and every digits size are ours).
+PAPER_SIZES: dict[str, dict[str, int | tuple[int, ...]]] = {
     "fc": {"digits": 32, "mnist": 87, "svhn": 87, "cifar10": 87, "cifar10_aug": 87},
     "conv": {"digits": 16, "mnist": 54, "svhn": 81, "cifar10": 81, "cifar10_aug": 200},
     "multitier": {
@@ -69,45 +67,58 @@ class _LastTierHead(nn.Module):
         return self.linear(self.pool(z[-1]).flatten(1))
 
 
+# The authors' solver settings (paper: Peaceman-Rachford, tol 1e-2, 300 iterations, whole-batch residual).
+PAPER_SOLVER = SolverConfig(
+    fwd_solver="peaceman_rachford", fwd_tol=1e-2, fwd_max_iter=300,
+    bwd_solver="peaceman_rachford", bwd_tol=1e-2, bwd_max_iter=300,
+    stop_mode="batch", alpha=1.0, alpha_tuning=True,
+)
+
+
+@dataclass
+class MondeqOptions:
+    """monDEQ model options (``model.*`` besides family, arch, name and channels).
+
+    Attributes:
+        m: strong-monotonicity parameter of I - W (paper: 1).
+        positive_scalars: exp-reparametrise g, gn, h (our deviation; False follows the authors exactly).
+    """
+
+    m: float = 1.0
+    positive_scalars: bool = True
+
+
 class MonDEQ(nn.Module):
     """A monotone operator equilibrium network: z* = relu(W z* + U x + b), logits = head(z*).
 
     The equilibrium is found without gradient tracking by a splitting solver; the head receives one more
     tracked application relu(W z* + U x + b) whose gradient goes through the implicit backward. The last
     solves' statistics are kept in ``last_stats = {"forward": SolverStats, "backward": SolverStats}`` (the
-    backward entry is set during the backward pass and stays until the next one).
+    backward entry is set during the backward pass and stays until the next one). Implements
+    :class:`pcdeq.family.EquilibriumNet`.
 
     Args:
         operator: a monotone parameterisation (:class:`DenseMonotone` or :class:`ConvTiersMonotone`).
         head: maps the list of tier states to logits.
         input_shape: (C, H, W) of the images.
         pad_input: zero-pad the image by one pixel (convolutional models) instead of flattening it.
-        solver: "peaceman_rachford" or "forward_backward" (forward and backward alike).
-        alpha: splitting step.
-        tol: tolerance on the summed relative change (paper: 1e-2), forward and backward.
-        max_iter: iteration cap (paper: 300), forward and backward.
-        alpha_tuning: retune alpha at batch 30 and mid-epoch (see :meth:`on_train_batch_start`).
-        stop_mode: "batch" (the authors' criterion) or "sample".
+        solver: splitting solver settings; ``solver.alpha`` is the initial step, retuned at batch 30 and
+            mid-epoch when ``solver.alpha_tuning`` (see :meth:`on_train_batch_start`).
     """
 
-    def __init__(self, operator: nn.Module, head: nn.Module, input_shape: tuple[int, int, int], *,
-                 pad_input: bool, solver: str = "peaceman_rachford", alpha: float = 1.0, tol: float = 1e-2,
-                 max_iter: int = 300, alpha_tuning: bool = True, stop_mode: str = "batch") -> None:
+    family = "mondeq"
+    operator: DenseMonotone | ConvTiersMonotone
+
+    def __init__(self, operator: DenseMonotone | ConvTiersMonotone, head: nn.Module,
+                 input_shape: tuple[int, int, int], *, pad_input: bool, solver: SolverConfig = PAPER_SOLVER) -> None:
         super().__init__()
-        get_splitting_solver(solver)
-        check_solver_args(tol, max_iter, stop_mode)
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        MONDEQ.check_solver(solver)
         self.operator = operator
         self.head = head
         self.input_shape = tuple(input_shape)
         self.pad_input = pad_input
         self.solver = solver
-        self.alpha = float(alpha)
-        self.tol = tol
-        self.max_iter = max_iter
-        self.alpha_tuning = alpha_tuning
-        self.stop_mode = stop_mode
+        self.alpha = float(solver.alpha)
         self.last_stats: dict[str, SolverStats | None] = {"forward": None, "backward": None}
 
     # alpha is state worth checkpointing (it is tuned during training) but not a parameter
@@ -148,18 +159,19 @@ class MonDEQ(nn.Module):
         bias = self.operator.inject(x)
         masks = self.operator.state_masks(bias[0])
         prox = self._relu(masks)
-        alpha = self.alpha
+        alpha, cfg = self.alpha, self.solver
         with torch.no_grad():
             # V is built per call from the current weights and shared with this call's backward
-            resolvent = self.operator.resolvent(alpha) if self.solver == "peaceman_rachford" else None
+            uses_v = "peaceman_rachford" in (cfg.fwd_solver, cfg.bwd_solver)
+            resolvent = self.operator.resolvent(alpha) if uses_v else None
             problem = SplittingProblem(
                 linear=self.operator.matvec,
                 resolvent=resolvent.apply if resolvent is not None else None,
                 prox=prox,
                 bias=[b.detach() for b in bias],
             )
-            z, stats = get_splitting_solver(self.solver)(
-                problem, alpha, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode)
+            z, stats = get_solver(cfg.fwd_solver, kind="splitting")(
+                problem, alpha, tol=cfg.fwd_tol, max_iter=cfg.fwd_max_iter, stop_mode=cfg.stop_mode)
         self.last_stats["forward"] = stats
         wz = self.operator.matvec([zi.detach() for zi in z])  # tracked in W, not through z*
         out = prox([w + b for w, b in zip(wz, bias, strict=True)])
@@ -167,9 +179,7 @@ class MonDEQ(nn.Module):
             spec = ImplicitBackwardSpec(
                 matvec=self.operator.matvec, resolvent=resolvent,
                 active=[(o.detach() > 0).to(o.dtype) for o in out],
-                solver=self.solver, alpha=alpha, tol=self.tol, max_iter=self.max_iter,
-                stop_mode=self.stop_mode,
-                record=self._record_backward,
+                alpha=alpha, solver=cfg, record=self._record_backward,
             )
             out = implicit_backward(out, spec)
         return out
@@ -188,11 +198,12 @@ class MonDEQ(nn.Module):
         finally:
             self.alpha = saved
         stats = self.last_stats["forward"]
-        return self.max_iter if stats.nonfinite else stats.iters
+        assert stats is not None  # set by equilibrium()
+        return self.solver.fwd_max_iter if stats.nonfinite else stats.iters
 
     def tune_alpha(self, x: Tensor) -> float:
         """Apply the authors' alpha-tuning rule on batch ``x``; sets and returns the new alpha."""
-        self.alpha = tune_alpha(lambda a: self.forward_iterations(x, a), self.alpha, self.max_iter)
+        self.alpha = tune_alpha(lambda a: self.forward_iterations(x, a), self.alpha, self.solver.fwd_max_iter)
         return self.alpha
 
     def on_train_batch_start(self, x: Tensor, batch_idx: int, num_batches: int) -> None:
@@ -203,18 +214,37 @@ class MonDEQ(nn.Module):
             batch_idx: index of the batch within the epoch (0-based).
             num_batches: batches per epoch.
         """
-        if self.alpha_tuning and batch_idx in (TUNE_AT_BATCH, num_batches // 2):
+        if self.solver.alpha_tuning and batch_idx in (TUNE_AT_BATCH, num_batches // 2):
             self.tune_alpha(x)
+
+    def solver_stats(self) -> dict[str, dict[str, float]]:
+        """Forward/backward statistics of the last solves."""
+        return collect_stats(self)
+
+    def project_(self) -> None:
+        """Nothing to project: monotonicity holds by construction of W."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The splitting step in use (tuned during training)."""
+        return {"alpha": self.alpha}
+
+    def certificate(self) -> dict[str, float]:
+        """None: convergence is guaranteed by the strong monotonicity of I - W."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Activation (relu, fixed), variant (none) and forward solver, for results.json."""
+        return {"activation": None, "variant": None, "solver": self.solver.fwd_solver}
 
 
 def _tier_channels(arch: str, channels: int | Sequence[int]) -> tuple[int, ...]:
     chans = (channels,) if isinstance(channels, int) else tuple(channels)
     if arch in ("fc", "conv") and len(chans) != 1:
-        raise ValueError(f"arch {arch!r} takes one width, got channels={channels!r}")
+        raise ConfigError(f"arch {arch!r} takes one width, got channels={channels!r}")
     if arch == "multitier" and len(chans) < 2:
-        raise ValueError(f"arch 'multitier' takes at least two tier widths, got channels={channels!r}")
+        raise ConfigError(f"arch 'multitier' takes at least two tier widths, got channels={channels!r}")
     if any(int(c) != c or c < 1 for c in chans):
-        raise ValueError(f"channels must be positive integers, got {channels!r}")
+        raise ConfigError(f"channels must be positive integers, got {channels!r}")
     return tuple(int(c) for c in chans)
 
 
@@ -224,43 +254,33 @@ def build_mondeq(
     *,
     channels: int | Sequence[int] | None = None,
     m: float = 1.0,
-    solver: str = "peaceman_rachford",
-    alpha: float = 1.0,
-    tol: float = 1e-2,
-    max_iter: int = 300,
-    alpha_tuning: bool = True,
     positive_scalars: bool = True,
-    stop_mode: str = "batch",
+    solver: SolverConfig | None = None,
 ) -> MonDEQ:
     """Build a monDEQ with the authors' sizes for ``dataset`` (or ``channels``).
 
     Args:
         arch: "fc", "conv" (single convolution) or "multitier".
-        dataset: a name from :data:`pcdeq.data.DATASET_SPECS` (gives input shape and classes).
-        channels: hidden width (fc, conv) or per-tier channels (multitier); None for the defaults above.
+        dataset: a name from :data:`pcdeq.datasets.DATASET_SPECS` (gives input shape and classes).
+        channels: hidden width (fc, conv) or per-tier channels (multitier); None for the sizes above.
         m: strong-monotonicity parameter of I - W (paper: 1).
-        solver: "peaceman_rachford" (paper) or "forward_backward".
-        alpha: initial splitting step. Peaceman-Rachford converges for any alpha > 0; forward-backward needs
-            alpha <= 2m / ||I - W||^2 (about 0.125 or less on trained models), so pass a small alpha with it:
-            alpha tuning only starts at batch 30.
-        tol: relative-change tolerance (paper: 1e-2).
-        max_iter: iteration cap (paper: 300).
-        alpha_tuning: the authors' alpha tuning during training.
         positive_scalars: exp-reparametrise g, gn, h (conv models; deviation from the authors, who use raw
             scalars: pass False to follow them exactly).
-        stop_mode: "batch" (authors) or "sample".
+        solver: splitting settings (default :data:`PAPER_SOLVER`: Peaceman-Rachford, alpha 1 with tuning,
+            tol 1e-2, 300 iterations, whole-batch residual). Forward-backward needs
+            alpha <= 2m / ||I - W||^2 (about 0.125 or less on trained models): alpha tuning only starts at
+            batch 30, so pass a small ``solver.alpha`` with it.
 
     Returns:
         A :class:`MonDEQ` mapping images [B, C, H, W] to logits [B, classes].
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown monDEQ arch {arch!r}; valid choices: {', '.join(ARCHS)}")
+    MONDEQ.check_arch(arch)
     spec = get_spec(dataset)
-    get_splitting_solver(solver)
+    solver = solver if solver is not None else PAPER_SOLVER
     c_in, h, w = spec.shape
-    chans = _tier_channels(arch, DEFAULT_CHANNELS[arch][dataset] if channels is None else channels)
+    chans = _tier_channels(arch, MONDEQ.paper_size(arch, dataset) if channels is None else channels)
     if arch == "fc":
-        operator: nn.Module = DenseMonotone(c_in * h * w, chans[0], m=m)
+        operator: DenseMonotone | ConvTiersMonotone = DenseMonotone(c_in * h * w, chans[0], m=m)
         head = _LastTierHead(chans[0], spec.num_classes)
     else:
         grid = (h + 2, w + 2)  # the image is zero-padded by one pixel
@@ -270,13 +290,17 @@ def build_mondeq(
         else:
             s1, s2 = operator.grids[-1]
             head = _LastTierHead(chans[-1] * s1 * s2, spec.num_classes)
-    return MonDEQ(operator, head, spec.shape, pad_input=arch != "fc", solver=solver, alpha=alpha, tol=tol,
-                  max_iter=max_iter, alpha_tuning=alpha_tuning, stop_mode=stop_mode)
+    return MonDEQ(operator, head, spec.shape, pad_input=arch != "fc", solver=solver)
 
 
-def paper_channels(arch: str, dataset: str) -> int | tuple[int, ...]:
-    """The authors' hidden size for (arch, dataset) (digits: this project's choice)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown monDEQ arch {arch!r}; valid choices: {', '.join(ARCHS)}")
-    get_spec(dataset)
-    return DEFAULT_CHANNELS[arch][dataset]
+MONDEQ = register_family(Family(
+    name="mondeq",
+    archs=ARCHS,
+    sizes=PAPER_SIZES,
+    default_sizes={arch: sizes["mnist"] for arch, sizes in PAPER_SIZES.items()},
+    build=build_mondeq,
+    solver_kind="splitting",
+    default_solver=PAPER_SOLVER,
+    protocols={arch: f"mondeq_{arch}" for arch in ARCHS},
+    options=MondeqOptions,
+))

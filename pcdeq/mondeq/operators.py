@@ -116,7 +116,7 @@ class ConvTiersMonotone(nn.Module):
         channels = tuple(int(c) for c in channels)
         if not channels or min(channels) < 1:
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
-        grids = [tuple(grid)]
+        grids: list[tuple[int, int]] = [(int(grid[0]), int(grid[1]))]
         for i in range(len(channels) - 1):
             s1, s2 = grids[-1]
             if s1 % 2 or s2 % 2:
@@ -127,7 +127,7 @@ class ConvTiersMonotone(nn.Module):
             raise ValueError(f"tier grids {grids} are too small for 3x3 kernels")
         self.m = float(m)
         self.channels = channels
-        self.grids: list[tuple[int, int]] = grids
+        self.grids = grids
         self.positive_scalars = positive_scalars
         n = len(channels)
         self.U = nn.Conv2d(in_channels, channels[0], 3, padding=1, padding_mode="circular")

@@ -102,7 +102,7 @@ class TierInverse:
         """Block inverse (or its adjoint) applied to ``r`` [B, C, s1, s2]."""
         Dinv = self.Dinv.mH if transpose else self.Dinv
         w = freq_apply(Dinv, self._fft(r))
-        if self.Ch is not None:
+        if self.Ch is not None and self.Sinv is not None:
             Sinv = self.Sinv.mH if transpose else self.Sinv
             t = _group_sum(freq_apply(self.Ch, w), dims=(2, 3))
             s = freq_apply(Sinv, t).repeat(1, 1, 2, 2)  # back onto every member of its alias group
@@ -133,7 +133,7 @@ class ConvResolvent:
     def apply(self, r: Sequence[Tensor], transpose: bool = False) -> list[Tensor]:
         """V r (or V^T r) for a tiered state."""
         n = len(self.blocks)
-        out: list[Tensor | None] = [None] * n
+        out: dict[int, Tensor] = {}
         # the sub-diagonal block of I + alpha (I - W) is -alpha W_(i+1,i) = 2 alpha A_(i+1)^T A_n(i)
         if not transpose:
             for i in range(n):
@@ -147,4 +147,4 @@ class ConvResolvent:
                 if i < n - 1:
                     rhs = rhs - 2 * self.alpha * down_t(cconv(out[i + 1], self.A[i + 1]), self.An[i])
                 out[i] = self.blocks[i].apply(rhs, transpose=True)
-        return out
+        return [out[i] for i in range(n)]

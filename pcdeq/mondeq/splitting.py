@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from pcdeq.solvers import SolverStats, check_solver_args, finish_stats, relative_residual
+from pcdeq.solvers import (
+    SolverConfig,
+    SolverStats,
+    check_solver_args,
+    finish_stats,
+    get_solver,
+    register_solver,
+    relative_residual,
+)
 
 Tensor = torch.Tensor
 Tiers = list[Tensor]
@@ -56,7 +64,7 @@ def _iterate(step: Callable[[Any], tuple[Any, Tiers]], state: Any, z: Tiers, tol
     res = torch.full((1,), math.inf)
     for k in range(1, max_iter + 1):
         state, z_new = step(state)
-        res = sum(relative_residual(a, b, stop_mode) for a, b in zip(z_new, z, strict=True))
+        res = torch.stack([relative_residual(a, b, stop_mode) for a, b in zip(z_new, z, strict=True)]).sum(0)
         stats.iters = k
         rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
         if not math.isfinite(rmax):  # a NaN/Inf in any tier makes the summed residual NaN
@@ -106,14 +114,15 @@ def peaceman_rachford(problem: SplittingProblem, alpha: float, *, tol: float = 1
     Returns:
         The last iterate z (one tensor per tier) and its :class:`SolverStats`.
     """
-    if problem.resolvent is None:
+    resolvent = problem.resolvent
+    if resolvent is None:
         raise ValueError("peaceman_rachford needs the problem's resolvent (I + alpha (I - L))^-1")
     ab = [alpha * bi for bi in problem.bias]
 
     def step(state: tuple[Tiers, Tiers]) -> tuple[tuple[Tiers, Tiers], Tiers]:
         z, u = state
         u_half = [2 * zi - ui for zi, ui in zip(z, u, strict=True)]
-        z_half = problem.resolvent([uh + abi for uh, abi in zip(u_half, ab, strict=True)])
+        z_half = resolvent([uh + abi for uh, abi in zip(u_half, ab, strict=True)])
         u = [2 * zh - uh for zh, uh in zip(z_half, u_half, strict=True)]
         z = problem.prox(u)
         return (z, u), z
@@ -122,19 +131,8 @@ def peaceman_rachford(problem: SplittingProblem, alpha: float, *, tol: float = 1
     return _iterate(step, (z0, z0), z0, tol, max_iter, stop_mode)
 
 
-SPLITTING_SOLVERS: dict[str, Callable[..., tuple[Tiers, SolverStats]]] = {
-    "peaceman_rachford": peaceman_rachford,
-    "forward_backward": forward_backward,
-}
-
-
-def get_splitting_solver(name: str) -> Callable[..., tuple[Tiers, SolverStats]]:
-    """Look a splitting solver up by name; the error lists the valid names."""
-    try:
-        return SPLITTING_SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"unknown monDEQ solver {name!r}; valid choices: "
-                         f"{', '.join(SPLITTING_SOLVERS)}") from None
+register_solver("peaceman_rachford", peaceman_rachford, kind="splitting")
+register_solver("forward_backward", forward_backward, kind="splitting")
 
 
 def tune_alpha(iters_at: Callable[[float], int], current: float, max_iter: int, *, start: float = 1.0,
@@ -173,20 +171,19 @@ class ImplicitBackwardSpec:
 
     Attributes:
         matvec: (z, transpose) -> W z or W^T z (called without gradient tracking).
-        resolvent: the forward pass's resolvent object (``apply(r, transpose)``), or None for FB.
+        resolvent: the forward pass's resolvent object (``apply(r, transpose)``), or None when the backward
+            solver needs none.
         active: per tier the 0/1 relu derivative at the output (border and inactive units 0).
-        solver, alpha, tol, max_iter, stop_mode: the splitting settings of the backward solve.
+        alpha: the splitting step the forward pass used (and the resolvent was built for).
+        solver: the settings; the backward solve uses ``bwd_solver``, ``bwd_tol``, ``bwd_max_iter``.
         record: receives the backward :class:`SolverStats`.
     """
 
     matvec: Callable[[Tiers, bool], Tiers]
     resolvent: Any
     active: Tiers
-    solver: str
     alpha: float
-    tol: float
-    max_iter: int
-    stop_mode: str
+    solver: SolverConfig
     record: Callable[[SolverStats], None]
 
 
@@ -217,9 +214,10 @@ class _ImplicitGrad(torch.autograd.Function):
                 prox=lambda w: [wi * ji for wi, ji in zip(w, spec.active, strict=True)],
                 bias=g,
             )
-            solve = get_splitting_solver(spec.solver)
-            u, stats = solve(problem, spec.alpha, tol=spec.tol, max_iter=spec.max_iter,
-                             stop_mode=spec.stop_mode)
+            cfg = spec.solver
+            solve = get_solver(cfg.bwd_solver, kind="splitting")
+            u, stats = solve(problem, spec.alpha, tol=cfg.bwd_tol, max_iter=cfg.bwd_max_iter,
+                             stop_mode=cfg.stop_mode)
             wtu = spec.matvec(u, True)
             v = [gi + wi for gi, wi in zip(g, wtu, strict=True)]
         spec.record(stats)

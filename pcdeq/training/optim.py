@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch.optim.lr_scheduler import LRScheduler, MultiStepLR, StepLR
 
+from pcdeq.errors import ConfigError
+
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("multistep", "step", "onecycle", "constant")
 
@@ -22,10 +24,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping) -> torch
     """Optimizer from ``cfg`` (keys: name, lr, weight_decay, betas)."""
     name = cfg["name"]
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
     if not float(cfg["lr"]) > 0:
-        raise ValueError(f"optim.lr must be > 0, got {cfg['lr']}")
-    kwargs = {"lr": float(cfg["lr"]), "weight_decay": float(cfg.get("weight_decay", 0.0) or 0.0)}
+        raise ConfigError(f"optim.lr must be > 0, got {cfg['lr']}")
+    kwargs: dict[str, float | tuple[float, ...]] = {
+        "lr": float(cfg["lr"]), "weight_decay": float(cfg.get("weight_decay", 0.0) or 0.0)}
     if name in ("adam", "adamw") and cfg.get("betas") is not None:
         kwargs["betas"] = tuple(float(b) for b in cfg["betas"])
     return OPTIMIZERS[name](params, **kwargs)
@@ -48,7 +51,7 @@ class OneCycle(LRScheduler):
             return 1.0 - (t - self.up) / self.down
         return 0.0
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         f = self.phase(self.last_epoch)
         for group in self.optimizer.param_groups:
             if "betas" in group:  # momentum falls while the lr rises
@@ -59,6 +62,7 @@ class OneCycle(LRScheduler):
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, steps_per_epoch: int) -> dict | None:
     """Lightning lr-scheduler dict for ``cfg`` (keys: name and the schedule's parameters), or None."""
     name = cfg.get("name", "constant")
+    sched: LRScheduler
     if name == "multistep":
         sched, interval = MultiStepLR(optimizer, list(cfg["milestones"]), float(cfg.get("gamma", 0.1))), "epoch"
     elif name == "step":
@@ -70,5 +74,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, steps_per_ep
     elif name == "constant":
         return None
     else:
-        raise ValueError(f"unknown schedule {name!r}; valid choices: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {name!r}; valid choices: {', '.join(SCHEDULES)}")
     return {"scheduler": sched, "interval": interval}

@@ -1,70 +1,29 @@
-"""Datasets: their specs (shape, classes, normalisation) and the Lightning data module.
+"""The Lightning data module: every dataset name of :data:`pcdeq.datasets.DATASET_SPECS` through one class.
 
-The specs are the single source of input shapes for the architecture builders and synthetic data.
-``EquilibriumDataModule`` serves every dataset name through one class: a small table (``_SOURCES``) maps each
-name to the files it needs on disk and a function that loads its train or test split.
+A small table (``_SOURCES``) maps each name to the files it needs on disk and a function that loads its train
+or test split; the static facts (shape, classes, normalisation) come from :mod:`pcdeq.datasets`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Static facts about one dataset name.
-
-    Attributes:
-        shape: input shape (C, H, W).
-        num_classes: number of labels.
-        mean, std: per-channel normalisation (reference values).
-        augment: random crop (padding 4) + horizontal flip on the training set.
-    """
-
-    shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool = False
+from pcdeq.datasets import get_spec
+from pcdeq.errors import DataNotFoundError
 
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-DATASET_SPECS: dict[str, DatasetSpec] = {
-    # scikit-learn's 8x8 handwritten digits, pixel values scaled from 0..16 to [0, 1];
-    # mean / std measured on the fixed 1437-image training split
-    "digits": DatasetSpec((1, 8, 8), 10, (0.3054,), (0.3761,)),
-    "mnist": DatasetSpec((1, 28, 28), 10, (0.1307,), (0.3081,)),
-    "svhn": DatasetSpec((3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "cifar10": DatasetSpec((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD),
-    "cifar10_aug": DatasetSpec((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD, augment=True),
-}
-
-
-def get_spec(name: str) -> DatasetSpec:
-    """Spec of a dataset by name.
-
-    Args:
-        name: a key of ``DATASET_SPECS``.
-
-    Returns:
-        The dataset's spec.
-
-    Raises:
-        ValueError: unknown name; the message lists the valid names.
-    """
-    try:
-        return DATASET_SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASET_SPECS)}") from None
+def _len(dataset: Dataset) -> int:
+    """Length of a map-style dataset (every dataset here defines __len__; torch's Dataset type does not)."""
+    return len(cast(Sized, dataset))
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -87,10 +46,6 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A dataset's files are not on disk and could not be downloaded."""
 
 
 class _TensorImages(Dataset):
@@ -239,7 +194,7 @@ class EquilibriumDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        self.spec = get_spec(name)  # ValueError listing the valid names
+        self.spec = get_spec(name)  # ConfigError listing the valid names
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
@@ -344,7 +299,7 @@ class EquilibriumDataModule(L.LightningDataModule):
     def _split(self, full: Dataset) -> tuple[Dataset, Dataset | None]:
         if self.val_size == 0:
             return full, None
-        n = len(full)
+        n = _len(full)
         if self.val_size >= n:
             raise ValueError(
                 f"val_size={self.val_size} leaves no training data ({self.name} has {n} training samples)"
@@ -355,7 +310,7 @@ class EquilibriumDataModule(L.LightningDataModule):
             # the held-out part is scored like test data, so it must not get the training crop/flip;
             # a shallow copy shares the loaded arrays and only swaps the transform
             plain = copy.copy(full)
-            plain.transform = self._transform(train=False)
+            plain.transform = self._transform(train=False)  # type: ignore[attr-defined]
             val = Subset(plain, val.indices)
         return train, val
 
@@ -380,7 +335,7 @@ class EquilibriumDataModule(L.LightningDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size,
             # The order of epoch e depends only on (seed, e): a run resumed from a checkpoint sees the same batches
             # as an uninterrupted one (Lightning calls set_epoch on the sampler).
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            sampler=EpochShuffleSampler(_len(dataset), self.seed) if train else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -425,7 +380,7 @@ def dataset_summary(dm: EquilibriumDataModule) -> str:
         e.g. ``"mnist: train 60000, test 10000 | 1x28x28, 10 classes, normalised | data/"``.
     """
     splits = (("train", dm.train_set), ("val", dm.val_set), ("test", dm.test_set))
-    sizes = ", ".join(f"{key} {len(ds)}" for key, ds in splits if ds is not None) or "not set up"
+    sizes = ", ".join(f"{key} {_len(ds)}" for key, ds in splits if ds is not None) or "not set up"
     shape = "x".join(map(str, dm.input_shape))
     norm = "normalised" if dm.normalize else "raw [0, 1]"
     if dm.synthetic:

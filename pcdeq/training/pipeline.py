@@ -1,7 +1,9 @@
 """Training and evaluation runs: config -> data, model, trainer -> fit/test -> results.json.
 
 ``train.py`` and ``eval.py`` are thin Hydra wrappers around :func:`train` and :func:`evaluate`. User errors
-(bad config values, missing data) end with one message and exit code 2, without a traceback.
+(:class:`pcdeq.errors.PcdeqUserError`: bad config values, missing data) end with one message and exit code 2,
+without a traceback. A run is built (:func:`build_run`), fitted and tested (:func:`fit_and_test`), and its
+figures are written to ``results.json`` (:func:`run_results`; schema in :mod:`pcdeq.results`).
 """
 
 from __future__ import annotations
@@ -15,31 +17,38 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
+import lightning as L
+import omegaconf
 import torch
+import torchvision
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pcdeq.config import ConfigError, build_datamodule
+import pcdeq
+from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import write_results
+from pcdeq.training.config import datamodule_from_config
+from pcdeq.training.data import EquilibriumDataModule, dataset_summary
+from pcdeq.training.module import EquilibriumModule
 
 log = logging.getLogger("pcdeq")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-class UserError(Exception):
-    """An error the user can fix; reported as one line."""
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; user errors print one line to stderr and exit with status 2."""
-    from pcdeq.data import DataNotFoundError
-
+    """Run ``fn(cfg)``; user errors print one line (plus up to three of detail) and exit with status 2."""
     try:
         return fn(cfg)
-    except (UserError, ConfigError, DataNotFoundError, OmegaConfBaseException) as e:
+    except (PcdeqUserError, OmegaConfBaseException) as e:
         msg = str(e).strip().splitlines()
         print(f"error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
         for line in msg[1:4]:
@@ -47,14 +56,18 @@ def run_cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         sys.exit(2)
 
 
-def _resolve(cfg: DictConfig) -> dict:
+def resolve_config(cfg: DictConfig) -> dict:
+    """The plain resolved config; a failing resolver or interpolation becomes a :class:`ConfigError`."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         cause = e.__cause__ or e
-        if isinstance(cause, (ValueError, ConfigError)):
+        if isinstance(cause, ValueError):
             raise ConfigError(str(cause).splitlines()[0]) from None
         raise ConfigError(f"cannot resolve the config: {str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- provenance
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
@@ -69,24 +82,15 @@ def _git_commit() -> tuple[str | None, bool | None]:
 
 
 def _versions() -> dict[str, str]:
-    import hydra
-    import lightning
-    import omegaconf
-    import torchvision
-
-    import pcdeq
-
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "lightning": lightning.__version__, "hydra": hydra.__version__, "omegaconf": omegaconf.__version__,
+            "lightning": L.__version__, "hydra": hydra.__version__, "omegaconf": omegaconf.__version__,
             "pcdeq": pcdeq.__version__}
 
 
 def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return list(HydraConfig.get().overrides.task)
-    except ValueError:
+    except ValueError:  # not inside a Hydra job (library use, tests)
         return []
 
 
@@ -94,7 +98,13 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _metrics(trainer) -> dict[str, float]:
+def _peak_memory() -> tuple[float, float | None]:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return rss_mb, gpu
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
@@ -105,17 +115,17 @@ def _progress_bar(setting: Any) -> bool:
     return sys.stderr.isatty() and "SLURM_JOB_ID" not in os.environ and not os.environ.get("CI")
 
 
-def _make_trainer(cfg: DictConfig, callbacks: list, loggers: list):
-    from hydra.utils import instantiate
-
-    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+def make_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Lightning Trainer of the ``trainer`` group."""
+    tcfg = OmegaConf.to_container(trainer_cfg, resolve=True)
+    assert isinstance(tcfg, dict)
     bar = _progress_bar(tcfg.pop("enable_progress_bar", None))
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, enable_progress_bar=bar)
 
 
-def _base_results(config: dict, module, run_dir: Path) -> dict:
+def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict:
+    """The provenance part of results.json: what ran, with which code, where."""
     model = config["model"]
-    layers = module.net.deq_layers() if hasattr(module.net, "deq_layers") else []  # pcDEQ: the variant in use
     sha, dirty = _git_commit()
     return {
         "task": config.get("task_name", "train"),
@@ -124,9 +134,8 @@ def _base_results(config: dict, module, run_dir: Path) -> dict:
         "model": model["name"],
         "family": model["family"],
         "arch": model["arch"],
-        "activation": model.get("activation"),
-        "variant": layers[0].act.variant if layers else model.get("variant"),
-        "solver": config["solver"].get("fwd_solver") or config["solver"].get("solver"),
+        **module.net.describe(),
+        "protocol": config.get("protocol"),
         "seed": config.get("seed"),
         "num_params": sum(p.numel() for p in module.net.parameters()),
         "git_commit": sha,
@@ -137,81 +146,88 @@ def _base_results(config: dict, module, run_dir: Path) -> dict:
     }
 
 
-def _peak_memory() -> tuple[float, float | None]:
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return rss_mb, gpu
+# ---------------------------------------------------------------- training
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train one configuration and write ``results.json`` into the run directory.
+@dataclass
+class Run:
+    """Everything one training run is made of."""
 
-    Returns:
-        The results dict (also written to disk on rank 0).
-    """
-    import lightning as L
-    from hydra.utils import instantiate
+    config: dict
+    run_dir: Path
+    datamodule: EquilibriumDataModule
+    module: EquilibriumModule
+    trainer: L.Trainer
+    loggers: list
+    eval_prefixes: tuple[str, ...]
 
-    from pcdeq.lit_module import EquilibriumModule
 
-    started = _now()
-    config = _resolve(cfg)
+def build_run(cfg: DictConfig) -> Run:
+    """Resolve the config, seed, load the data and build the module, loggers, callbacks and trainer."""
+    config = resolve_config(cfg)
     run_dir = Path(config["paths"]["output_dir"])
     if config.get("ckpt_path") and not Path(config["ckpt_path"]).is_file():
-        raise UserError(f"ckpt_path not found: {config['ckpt_path']} (a run keeps <run dir>/checkpoints/last.ckpt)")
+        raise CheckpointError(f"ckpt_path not found: {config['ckpt_path']} (a run keeps "
+                              "<run dir>/checkpoints/last.ckpt)")
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     L.seed_everything(int(config["seed"]), workers=True)
-    dm = build_datamodule(config, seed=int(config["seed"]))
+    dm = datamodule_from_config(config, seed=int(config["seed"]))
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
+    log.info("data: %s", dataset_summary(dm))
     has_val = int(config["dataset"]["val_size"]) > 0
-    prefixes = (["val"] if has_val else []) + (["test"] if config.get("test_every_epoch") else [])
-    module = EquilibriumModule(config, tuple(prefixes), int(config.get("certificate_every_n_steps", 0)))
+    prefixes = (("val",) if has_val else ()) + (("test",) if config.get("test_every_epoch") else ())
+    module = EquilibriumModule(config, prefixes, int(config.get("certificate_every_n_steps", 0)))
 
-    callbacks_cfg = OmegaConf.to_container(cfg.callbacks, resolve=True) if cfg.get("callbacks") else {}
+    callbacks_cfg = dict(config.get("callbacks") or {})
     if not has_val:  # the best checkpoint is chosen on the validation split only, never on the test set
         callbacks_cfg.pop("best_checkpoint", None)
     callbacks = [instantiate(c) for c in callbacks_cfg.values() if c and "_target_" in c]
-    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
-    loggers = [instantiate(c) for c in logger_cfg.values() if c and "_target_" in c]
-    trainer = _make_trainer(cfg, callbacks, loggers)
-    log.info("run directory: %s", run_dir)
+    loggers = [instantiate(c) for c in (config.get("logger") or {}).values() if c and "_target_" in c]
+    trainer = make_trainer(cfg.trainer, callbacks, loggers)
+    return Run(config, run_dir, dm, module, trainer, loggers, prefixes)
 
-    results = _base_results(config, module, run_dir)
-    results["started_at"] = started
-    val_loaders = ([dm.val_dataloader()] if has_val else []) + ([dm.test_dataloader()] if "test" in prefixes else [])
+
+def fit_and_test(run: Run) -> tuple[str, dict[str, float], dict[str, float], float]:
+    """Fit (resuming from ``ckpt_path`` if given), then test unless the run diverged.
+
+    Returns:
+        (status, metrics after fit, test metrics, fit wall time in seconds). A failure or a kill writes a
+        ``failed`` / ``interrupted`` results.json before the exception propagates.
+    """
+    dm, trainer, module = run.datamodule, run.trainer, run.module
+    val_loaders = ([dm.val_dataloader()] if "val" in run.eval_prefixes else []) + (
+        [dm.test_dataloader()] if "test" in run.eval_prefixes else [])
     t0 = time.perf_counter()
     try:
         trainer.fit(module, train_dataloaders=dm.train_dataloader(), val_dataloaders=val_loaders or None,
-                    ckpt_path=config.get("ckpt_path"))
+                    ckpt_path=run.config.get("ckpt_path"))
         train_time = time.perf_counter() - t0
         fit_metrics = _metrics(trainer)
         if module.diverged:
-            status = "diverged"
-            test_metrics = {}
-        else:
-            trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
-            test_metrics = _metrics(trainer)
-            status = "interrupted" if trainer.interrupted else "completed"
+            return "diverged", fit_metrics, {}, train_time
+        trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
+        status = "interrupted" if trainer.interrupted else "completed"
+        return status, fit_metrics, _metrics(trainer), train_time
     except BaseException as e:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         # A kill or preemption (SIGTERM, Ctrl-C) is "interrupted", anything else "failed"; either way the run
         # directory says what happened before the exception propagates.
         status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt)) else "failed"
-        if trainer.is_global_zero and run_dir.is_dir():
-            write_results(run_dir / "results.json", {**results, "status": status, "error": repr(e),
-                                                     "finished_at": _now()})
+        if trainer.is_global_zero and run.run_dir.is_dir():
+            write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
+                                                         "status": status, "error": repr(e), "finished_at": _now()})
         raise
     finally:
-        _finish_wandb(loggers)
+        _finish_wandb(run.loggers)
 
-    metrics = {**fit_metrics, **test_metrics}
-    epoch_times = module.epoch_times
+
+def run_results(run: Run, status: str, fit_metrics: dict, test_metrics: dict, train_time: float) -> dict:
+    """The figures of a finished training run, in the results.json schema."""
+    epoch_times = run.module.epoch_times
     rss, gpu = _peak_memory()
-    results.update({
+    return {
         "status": status,
         "test/acc": test_metrics.get("test/acc"),
         "test/loss": test_metrics.get("test/loss"),
@@ -222,39 +238,52 @@ def train(cfg: DictConfig) -> dict:
         "fwd_iters_max": fit_metrics.get("train/fwd_iters_max"),
         "bwd_iters_max": fit_metrics.get("train/bwd_iters_max"),
         "test/fwd_iters": test_metrics.get("test/fwd_iters"),
-        "epochs": trainer.current_epoch,
+        "epochs": run.trainer.current_epoch,
         "train_time_s": train_time,
         "epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
         "samples_per_s": fit_metrics.get("train/samples_per_s"),
         "peak_memory_mb": rss,
         "peak_gpu_memory_mb": gpu,
         "finished_at": _now(),
-        "metrics": metrics,
-    })
-    if trainer.is_global_zero:
-        write_results(run_dir / "results.json", results)
-        OmegaConf.save(config, run_dir / "config_resolved.yaml")
-        log.info("status %s, test acc %s, results: %s", status, results["test/acc"], run_dir / "results.json")
+        "metrics": {**fit_metrics, **test_metrics},
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one configuration and write ``results.json`` into the run directory.
+
+    Returns:
+        The results dict (also written to disk on rank 0).
+    """
+    started = _now()
+    run = build_run(cfg)
+    log.info("run directory: %s", run.run_dir)
+    status, fit_metrics, test_metrics, train_time = fit_and_test(run)
+    results = {**base_results(run.config, run.module, run.run_dir), "started_at": started,
+               **run_results(run, status, fit_metrics, test_metrics, train_time)}
+    if run.trainer.is_global_zero:
+        write_results(run.run_dir / "results.json", results)
+        OmegaConf.save(run.config, run.run_dir / "config_resolved.yaml")
+        log.info("status %s, test acc %s, results: %s", status, results["test/acc"], run.run_dir / "results.json")
     return results
 
 
 def _finish_wandb(loggers: list) -> None:
     """End the wandb run so the next job of a multirun starts a fresh one."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if any(isinstance(lg, WandbLogger) for lg in loggers):
-        import wandb
+        import wandb  # only loaded when a wandb logger is in use: importing it costs about a second
 
         wandb.finish()
 
 
+# ---------------------------------------------------------------- evaluation
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate a checkpoint on its dataset's test set and write ``results.json`` in the eval run directory."""
-    from pcdeq.lit_module import EquilibriumModule
-
     ckpt = Path(str(cfg.ckpt_path))
     if not ckpt.is_file():
-        raise UserError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
+        raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
     started = _now()
     module = EquilibriumModule.load_from_checkpoint(ckpt, map_location="cpu")
     config = dict(module.hparams["config"])
@@ -263,15 +292,15 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.get(key) is not None:
             dataset[key] = cfg[key]
     config["dataset"] = dataset
-    dm = build_datamodule(config, seed=int(config["seed"]))
+    dm = datamodule_from_config(config, seed=int(config["seed"]))
     dm.prepare_data()
     dm.setup("test")
-    trainer = _make_trainer(cfg, [], [])
+    trainer = make_trainer(cfg.trainer, [], [])
     run_dir = Path(cfg.paths.output_dir)
     t0 = time.perf_counter()
     trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
     metrics = _metrics(trainer)
-    results = _base_results({**config, "task_name": "eval"}, module, run_dir)
+    results = base_results({**config, "task_name": "eval"}, module, run_dir)
     rss, gpu = _peak_memory()
     results.update({
         "status": "completed", "checkpoint": str(ckpt), "started_at": started, "finished_at": _now(),

@@ -1,0 +1,67 @@
+"""From a composed Hydra config to objects: the config resolvers, the network and the data module.
+
+Everything here takes the plain resolved dict (``OmegaConf.to_container(cfg, resolve=True)``) so that the same
+code rebuilds a network from the config stored in a checkpoint. Importing this module registers the resolvers
+and the config schemas (:mod:`pcdeq.training.schema`), so the entry points import it before Hydra composes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pcdeq.errors import ConfigError
+from pcdeq.family import EquilibriumNet, build_net, get_family
+from pcdeq.solvers import SolverConfig
+from pcdeq.training import schema  # noqa: F401  (registers the config schemas in Hydra's ConfigStore)
+from pcdeq.training.data import EquilibriumDataModule
+
+
+def paper_channels(family: str, arch: str, dataset: str) -> Any:
+    """Hidden size of the published model for a dataset (the ``${paper_channels:...}`` resolver)."""
+    size = get_family(family).paper_size(arch, dataset)
+    return list(size) if isinstance(size, tuple) else size
+
+
+def register_resolvers() -> None:
+    """Register the project's OmegaConf resolvers (idempotent)."""
+    if not OmegaConf.has_resolver("paper_channels"):
+        OmegaConf.register_new_resolver("paper_channels", paper_channels)
+
+
+register_resolvers()
+
+
+def solver_config(solver: Mapping) -> SolverConfig:
+    """:class:`SolverConfig` from the resolved ``solver`` group."""
+    return SolverConfig(**{k: v for k, v in solver.items() if k in SolverConfig.__dataclass_fields__})
+
+
+def net_from_config(cfg: Mapping) -> EquilibriumNet:
+    """The network described by a resolved config (keys model, dataset, solver).
+
+    Raises:
+        ConfigError: an unknown family, architecture, activation or solver, or a solver of another family.
+    """
+    model = cfg["model"]
+    family = get_family(model["family"])
+    options = {k: model[k] for k in family.option_names() if k in model}
+    return build_net(family.name, model["arch"], cfg["dataset"]["name"], channels=model["channels"],
+                     solver=solver_config(cfg["solver"]), **options)
+
+
+def datamodule_from_config(cfg: Mapping, seed: int) -> EquilibriumDataModule:
+    """The Lightning data module of the resolved ``dataset`` group."""
+    d = cfg["dataset"]
+    try:
+        return EquilibriumDataModule(
+            d["name"], data_dir=d["data_dir"], batch_size=int(d["batch_size"]),
+            eval_batch_size=d.get("eval_batch_size"), download=bool(d["download"]),
+            synthetic=bool(d["synthetic"]), synthetic_size=tuple(d["synthetic_size"]),
+            normalize=bool(d["normalize"]), val_size=int(d["val_size"]), num_workers=int(d["num_workers"]),
+            seed=seed, pin_memory=bool(d.get("pin_memory", False)),
+        )
+    except ValueError as e:
+        raise ConfigError(f"dataset: {e}") from None

@@ -1,0 +1,209 @@
+"""The model-family contract and registry, the light core, and the configs that describe the families."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import pcdeq
+from pcdeq.family import FAMILIES, EquilibriumNet, build_net, get_family
+from pcdeq.solvers import SolverConfig
+from tests.test_config import CONF, compose_train
+
+FAMILY_ARCHS = [(f.name, arch) for f in FAMILIES.values() for arch in f.archs]
+
+
+def _tiny(family: str, arch: str) -> EquilibriumNet:
+    size = {"linear": 6, "conv": 4, "multiconv": (3, 4, 5), "fc": 6, "multitier": (2, 3, 4)}[arch]
+    return build_net(family, arch, "digits", channels=size)
+
+
+@pytest.mark.parametrize(("family", "arch"), FAMILY_ARCHS)
+def test_every_network_implements_the_contract(family: str, arch: str) -> None:
+    torch.manual_seed(0)
+    net = _tiny(family, arch)
+    assert isinstance(net, EquilibriumNet) and net.family == family
+    x = torch.rand(4, 1, 8, 8)
+    net.on_train_batch_start(x, 0, 10)
+    net(x).sum().backward()
+    stats = net.solver_stats()
+    assert stats["forward"]["iters"] >= 1 and stats["backward"]["iters"] >= 1  # the implicit backward ran
+    net.project_()
+    assert set(net.describe()) == {"activation", "variant", "solver"}
+    assert set(net.certificate()) <= set(pcdeq.family.CERTIFICATE_KEYS)
+    assert all(isinstance(v, float) for v in net.epoch_metrics().values())
+
+
+@pytest.mark.parametrize(("family", "arch"), FAMILY_ARCHS)
+def test_module_apply_reaches_every_submodule(family: str, arch: str) -> None:
+    # nn.Module.apply(fn) must not be shadowed by an operator method (it was: NonnegWeight.apply was W z).
+    net = _tiny(family, arch)
+    seen: list[type] = []
+    assert net.apply(lambda m: seen.append(type(m))) is net
+    assert len(seen) == len(list(net.modules()))
+
+
+def test_build_net_checks_options_and_solver_kind() -> None:
+    with pytest.raises(pcdeq.ConfigError, match="unknown option"):
+        build_net("pcdeq", "linear", "digits", m=1.0)
+    with pytest.raises(pcdeq.ConfigError, match="solver=peaceman_rachford or solver=forward_backward"):
+        build_net("mondeq", "fc", "digits", solver=SolverConfig())
+    with pytest.raises(pcdeq.ConfigError, match="unknown model family 'deq'; valid choices: mondeq, pcdeq"):
+        get_family("deq")
+
+
+def test_solver_config_rejects_unknown_names_and_bad_alpha() -> None:
+    with pytest.raises(pcdeq.ConfigError, match="unknown solver 'broyden'"):
+        SolverConfig(fwd_solver="broyden")
+    with pytest.raises(pcdeq.ConfigError, match="solver.alpha must be a positive"):
+        SolverConfig(alpha=0.0)
+
+
+def test_model_api_imports_without_the_training_stack() -> None:
+    code = ("import sys, pcdeq; heavy = [m for m in ('lightning', 'torchvision', 'hydra', 'omegaconf', "
+            "'torchmetrics') if m in sys.modules]; print(heavy); assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("family", "arch"), FAMILY_ARCHS)
+def test_model_configs_match_the_registry(family: str, arch: str) -> None:
+    """The YAML files select what the registry says: solver defaults, protocol set, paper size, name."""
+    fam = get_family(family)
+    cfg = compose_train(f"model={family}_{arch}", "dataset=mnist")
+    assert cfg.model.name == f"{family}_{arch}" and cfg.model.family == family and cfg.model.arch == arch
+    assert cfg.protocol.name == fam.protocols[arch]
+    solver = OmegaConf.to_container(cfg.solver)
+    assert SolverConfig(**solver) == fam.default_solver
+    size = fam.paper_size(arch, "mnist")
+    assert cfg.model.channels == (list(size) if isinstance(size, tuple) else size)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1e-3", "Could not override 'optim.lrr'"),
+        ("seed=abc", "Error merging override seed=abc"),
+        ("solver.fwd_tol=fast", "Error merging override solver.fwd_tol=fast"),
+        ("model.activaton=tanh", "Could not override 'model.activaton'"),
+        ("dataset.batch_size=1.5", "Error merging override dataset.batch_size=1.5"),
+    ],
+)
+def test_schema_rejects_mistyped_keys_and_wrong_types(override: str, message: str) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=message.replace(".", r"\.").replace("'", ".")):
+        compose_train(override)
+
+
+def test_protocol_group_applies_the_papers_values() -> None:
+    cfg = compose_train("model=mondeq_multitier", "dataset=cifar10")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.scheduler.step_size) == ("adam", 1e-2, 10)
+    assert cfg.protocol.published is True and cfg.protocol.dataset == "cifar10"
+    cfg = compose_train("model=pcdeq_conv", "dataset=cifar10")
+    assert cfg.protocol.published is False and "assumption" in cfg.protocol.note
+    # An explicit value still wins over the protocol.
+    assert compose_train("dataset=mnist", "optim.lr=0.1").optim.lr == 0.1
+
+
+TOY_MODULE = '''
+import torch
+from dataclasses import dataclass
+from torch import nn
+from pcdeq.family import Family, register_family
+from pcdeq.datasets import get_spec
+from pcdeq.solvers import SolverConfig, SolverStats
+
+
+@dataclass
+class ToyOptions:
+    depth: int = 3
+
+
+class Unrolled(nn.Module):
+    """A weight-tied tanh block unrolled ``depth`` times (plain backprop): the smallest complete family."""
+
+    family = "toyunrolled"
+
+    def __init__(self, arch, dataset, *, channels, solver, depth=3):
+        super().__init__()
+        spec = get_spec(dataset)
+        self.inp = nn.Linear(int(torch.tensor(spec.shape).prod()), channels)
+        self.w = nn.Linear(channels, channels)
+        self.head = nn.Linear(channels, spec.num_classes)
+        self.depth, self.solver = depth, solver
+
+    def forward(self, x):
+        u = self.inp(x.flatten(1))
+        z = torch.zeros_like(u)
+        for _ in range(self.depth):
+            z = torch.tanh(self.w(z) + u)
+        return self.head(z)
+
+    def solver_stats(self):
+        return {"forward": {"iters": float(self.depth), "iters_max": float(self.depth), "residual_mean": 0.0,
+                            "residual_max": 0.0, "n_not_converged": 0.0, "nonfinite": 0.0, "contraction": 0.0}}
+
+    def project_(self):
+        pass
+
+    def on_train_batch_start(self, x, batch_idx, num_batches):
+        pass
+
+    def epoch_metrics(self):
+        return {}
+
+    def certificate(self):
+        return {}
+
+    def describe(self):
+        return {"activation": "tanh", "variant": None, "solver": "unrolled"}
+
+
+register_family(Family(
+    name="toyunrolled", archs=("mlp",), sizes={"mlp": {}}, default_sizes={"mlp": 16}, build=Unrolled,
+    solver_kind="map", default_solver=SolverConfig(), protocols={"mlp": "pcdeq"}, options=ToyOptions,
+))
+'''
+
+TOY_CONFIG = """# @package _global_
+defaults:
+  - override /solver: fixed_point
+  - _self_
+model:
+  family: toyunrolled
+  arch: mlp
+  name: ${model.family}_${model.arch}
+  channels: ${paper_channels:${model.family},${model.arch},${dataset.name}}
+  depth: 2
+"""
+
+
+def test_a_third_family_is_one_module_and_one_config_file(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "toyfam.py").write_text(TOY_MODULE)
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "toyunrolled_mlp.yaml").write_text(TOY_CONFIG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    from pcdeq.training.pipeline import train
+
+    importlib.import_module("toyfam")
+    try:
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("train", overrides=[
+                f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=toyunrolled_mlp", "trainer.max_epochs=2",
+                f"paths.output_dir={tmp_path / 'run'}", "logger=none", "num_threads=1",
+            ])
+        results = train(cfg)
+    finally:
+        FAMILIES.pop("toyunrolled", None)
+    assert results["status"] == "completed" and results["family"] == "toyunrolled" and results["test/acc"] > 0.5
+    assert results["fwd_iters"] == 2.0 and results["solver"] == "unrolled"
+    assert (tmp_path / "run" / "results.json").is_file()

@@ -1,0 +1,54 @@
+"""The Lightning module in process (the template's fast_dev_run style) and its per-epoch aggregates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcdeq.training.metrics import EpochAggregate
+from pcdeq.training.pipeline import build_run, fit_and_test
+from tests.test_config import compose_train
+
+TINY = {"pcdeq_linear": "8", "pcdeq_conv": "4", "pcdeq_multiconv": "[3,4,5]", "mondeq_fc": "8", "mondeq_conv": "3",
+        "mondeq_multitier": "[2,3,4]"}
+
+
+@pytest.mark.parametrize("model", sorted(TINY))
+def test_fast_dev_run_of_every_model(model: str, tmp_path: Path) -> None:
+    cfg = compose_train(f"model={model}", f"model.channels={TINY[model]}", "trainer.fast_dev_run=true",
+                        "logger=none", "num_threads=1", f"paths.output_dir={tmp_path}")
+    run = build_run(cfg)
+    before = {k: v.detach().clone() for k, v in run.module.net.state_dict().items() if torch.is_tensor(v)}
+    status, fit_metrics, test_metrics, _ = fit_and_test(run)
+    assert status == "completed"
+    for key in ("train/loss", "train/acc", "train/fwd_iters", "train/bwd_iters", "train/lr", "train/epoch_s"):
+        assert math.isfinite(fit_metrics[key]), key
+    assert 0.0 <= test_metrics["test/acc"] <= 1.0 and test_metrics["test/fwd_iters"] >= 1
+    changed = [k for k, v in before.items() if v.dtype.is_floating_point
+               and not torch.equal(v, run.module.net.state_dict()[k])]
+    assert changed  # one optimizer step was taken
+    if model.startswith("pcdeq"):
+        assert "train/cw_bound_max" in fit_metrics  # the certificate is computed on batch 0
+        projected = [p for n, p in run.module.net.named_parameters() if n.endswith((".g", ".v"))]
+        assert projected and all(float(p.detach().min()) >= 0 for p in projected)
+
+
+def test_epoch_aggregate_matches_hand_computation() -> None:
+    mean, top, total = EpochAggregate(["a", "b"], "mean"), EpochAggregate(["a"], "max"), EpochAggregate(["a"], "sum")
+    batches = [(0.5, 64), (0.25, 64), (1.0, 32)]
+    for v, n in batches:
+        mean.update({"a": torch.tensor(v)}, weight=n)
+        top.update({"a": v})
+        total.update({"a": v})
+    mean.update({"b": math.nan})  # non-finite floats are skipped, not averaged in
+    assert mean.compute() == pytest.approx({"a": (0.5 * 64 + 0.25 * 64 + 1.0 * 32) / 160})
+    assert "b" not in mean.compute() and math.isnan(mean.peek("b"))
+    assert top.compute() == {"a": 1.0} and total.compute() == {"a": 1.75}
+    mean.reset()
+    with pytest.warns(UserWarning, match="called before the ``update``"):
+        assert mean.compute() == {}
+    with pytest.raises(KeyError):
+        mean.update({"c": 1.0})
