@@ -115,5 +115,10 @@ def test_every_experiment_composes_to_its_table_row(name: str) -> None:
     assert f"{cfg.model.name}_{cfg.dataset.name}" == name == cfg.experiment_name
     assert solver_kind(cfg.solver.fwd_solver) == get_family(cfg.model.family).solver_kind
     assert cfg.trainer.max_epochs >= 40
+    # The papers' criteria: one whole-batch residual (the pcDEQ reference, monDEQ's authors), and monDEQ exactly
+    # as the authors parametrise it (raw scalars, gradient added at the prox step of the PR backward).
+    assert cfg.solver.stop_mode == "batch"
+    if cfg.model.family == "mondeq":
+        assert cfg.model.positive_scalars is False and cfg.solver.bwd_bias == "prox"
     net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert sum(p.numel() for p in net.parameters()) > 0

@@ -71,7 +71,7 @@ class _LastTierHead(nn.Module):
 PAPER_SOLVER = SolverConfig(
     fwd_solver="peaceman_rachford", fwd_tol=1e-2, fwd_max_iter=300,
     bwd_solver="peaceman_rachford", bwd_tol=1e-2, bwd_max_iter=300,
-    stop_mode="batch", alpha=1.0, alpha_tuning=True,
+    stop_mode="batch", alpha=1.0, alpha_tuning=True, bwd_bias="prox",
 )
 
 
@@ -81,11 +81,11 @@ class MondeqOptions:
 
     Attributes:
         m: strong-monotonicity parameter of I - W (paper: 1).
-        positive_scalars: exp-reparametrise g, gn, h (our deviation; False follows the authors exactly).
+        positive_scalars: exp-reparametrise g, gn, h (our deviation; False, the default, follows the authors).
     """
 
     m: float = 1.0
-    positive_scalars: bool = True
+    positive_scalars: bool = False
 
 
 class MonDEQ(nn.Module):
@@ -254,7 +254,7 @@ def build_mondeq(
     *,
     channels: int | Sequence[int] | None = None,
     m: float = 1.0,
-    positive_scalars: bool = True,
+    positive_scalars: bool = False,
     solver: SolverConfig | None = None,
 ) -> MonDEQ:
     """Build a monDEQ with the authors' sizes for ``dataset`` (or ``channels``).
@@ -264,8 +264,8 @@ def build_mondeq(
         dataset: a name from :data:`pcdeq.datasets.DATASET_SPECS` (gives input shape and classes).
         channels: hidden width (fc, conv) or per-tier channels (multitier); None for the sizes above.
         m: strong-monotonicity parameter of I - W (paper: 1).
-        positive_scalars: exp-reparametrise g, gn, h (conv models; deviation from the authors, who use raw
-            scalars: pass False to follow them exactly).
+        positive_scalars: exp-reparametrise g, gn, h (conv models; our deviation: the authors use raw scalars,
+            which can turn negative and make sqrt(g) NaN).
         solver: splitting settings (default :data:`PAPER_SOLVER`: Peaceman-Rachford, alpha 1 with tuning,
             tol 1e-2, 300 iterations, whole-batch residual). Forward-backward needs
             alpha <= 2m / ||I - W||^2 (about 0.125 or less on trained models): alpha tuning only starts at

@@ -12,10 +12,10 @@ Two modules cover the three architectures of the paper:
   block lower-bidiagonal A, so monotonicity is kept. For T = 1 this is W = (1 - m) I - g A^T A + B - B^T with
   A = A0/||A0||, B = h B0/||B0||, the paper's single-conv layer.
 
-Deviation (``positive_scalars=True``, the default): g, gn, h are stored as logarithms, g = exp(g_param), so
+Option (``positive_scalars=True``, our deviation): g, gn, h are stored as logarithms, g = exp(g_param), so
 they stay positive (the authors' raw scalars can turn negative, making sqrt(g) NaN and losing monotonicity).
 At initialisation value (1) and gradient equal those of the raw scalar, and Adam steps become relative steps.
-``positive_scalars=False`` stores the raw scalars exactly as the authors did.
+``positive_scalars=False`` (the default) stores the raw scalars exactly as the authors did.
 
 Every module offers the same small interface, used by the model and the splitting solvers:
 ``inject(x)`` (U x + b per tier), ``matvec(z, transpose)`` (W z or W^T z, differentiable),
@@ -110,7 +110,7 @@ class ConvTiersMonotone(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], grid: tuple[int, int], m: float = 1.0,
-                 positive_scalars: bool = True) -> None:
+                 positive_scalars: bool = False) -> None:
         super().__init__()
         _check_m(m)
         channels = tuple(int(c) for c in channels)

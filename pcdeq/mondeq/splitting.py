@@ -48,12 +48,17 @@ class SplittingProblem:
             Peaceman-Rachford), or None.
         prox: the projection applied after each linear step.
         bias: b, one tensor per tier.
+        bias_in_prox: Peaceman-Rachford adds alpha b before the prox instead of before the resolvent. Both
+            reach the same fixed point of the same problem when prox is linear (the implicit backward, where it
+            is multiplication by the 0/1 relu derivative); the authors' backward does this, so its iterates and
+            iteration counts are theirs.
     """
 
     linear: Callable[[Tiers], Tiers]
     resolvent: Callable[[Tiers], Tiers] | None
     prox: Callable[[Tiers], Tiers]
     bias: Tiers
+    bias_in_prox: bool = False
 
 
 def _iterate(step: Callable[[Any], tuple[Any, Tiers]], state: Any, z: Tiers, tol: float, max_iter: int,
@@ -62,18 +67,24 @@ def _iterate(step: Callable[[Any], tuple[Any, Tiers]], state: Any, z: Tiers, tol
     check_solver_args(tol, max_iter, stop_mode)
     stats = SolverStats()
     res = torch.full((1,), math.inf)
+    z_prev = z
+
+    def summed(new: Tiers, old: Tiers, mode: str) -> Tensor:
+        return torch.stack([relative_residual(a, b, mode) for a, b in zip(new, old, strict=True)]).sum(0)
+
     for k in range(1, max_iter + 1):
         state, z_new = step(state)
-        res = torch.stack([relative_residual(a, b, stop_mode) for a, b in zip(z_new, z, strict=True)]).sum(0)
+        res = summed(z_new, z, stop_mode)
         stats.iters = k
         rmax = float(res.max())  # one host sync per iteration: the stopping decision needs it
         if not math.isfinite(rmax):  # a NaN/Inf in any tier makes the summed residual NaN
             return z_new, finish_stats(stats, res, tol, nonfinite=True, batch_size=z[0].shape[0])
         stats.history.append(rmax)
-        z = z_new
+        z_prev, z = z, z_new
         if rmax <= tol:
             break
-    return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z[0].shape[0])
+    per_sample = summed(z, z_prev, "sample") if stop_mode == "batch" else None
+    return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z[0].shape[0], per_sample=per_sample)
 
 
 def forward_backward(problem: SplittingProblem, alpha: float, *, tol: float = 1e-2, max_iter: int = 300,
@@ -122,9 +133,14 @@ def peaceman_rachford(problem: SplittingProblem, alpha: float, *, tol: float = 1
     def step(state: tuple[Tiers, Tiers]) -> tuple[tuple[Tiers, Tiers], Tiers]:
         z, u = state
         u_half = [2 * zi - ui for zi, ui in zip(z, u, strict=True)]
-        z_half = resolvent([uh + abi for uh, abi in zip(u_half, ab, strict=True)])
-        u = [2 * zh - uh for zh, uh in zip(z_half, u_half, strict=True)]
-        z = problem.prox(u)
+        if problem.bias_in_prox:
+            z_half = resolvent(u_half)
+            u = [2 * zh - uh for zh, uh in zip(z_half, u_half, strict=True)]
+            z = problem.prox([ui + abi for ui, abi in zip(u, ab, strict=True)])
+        else:
+            z_half = resolvent([uh + abi for uh, abi in zip(u_half, ab, strict=True)])
+            u = [2 * zh - uh for zh, uh in zip(z_half, u_half, strict=True)]
+            z = problem.prox(u)
         return (z, u), z
 
     z0 = [torch.zeros_like(bi) for bi in problem.bias]
@@ -213,6 +229,7 @@ class _ImplicitGrad(torch.autograd.Function):
                 resolvent=(lambda r: res.apply(r, transpose=True)) if res is not None else None,
                 prox=lambda w: [wi * ji for wi, ji in zip(w, spec.active, strict=True)],
                 bias=g,
+                bias_in_prox=spec.solver.bwd_bias == "prox",
             )
             cfg = spec.solver
             solve = get_solver(cfg.bwd_solver, kind="splitting")
