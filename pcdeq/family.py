@@ -61,6 +61,10 @@ class EquilibriumNet(Protocol):
         """Extra per-epoch figures to log as ``train/<key>`` (e.g. monDEQ's tuned alpha)."""
         ...
 
+    def residual_history(self) -> list[list[float]]:
+        """Per equilibrium solve of the last forward pass, its stopping residual after each iteration."""
+        ...
+
     def certificate(self) -> dict[str, float]:
         """A convergence certificate of the last forward pass: keys of :data:`CERTIFICATE_KEYS` ({} for none)."""
         ...

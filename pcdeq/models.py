@@ -29,7 +29,7 @@ from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
 from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig, collect_stats
+from pcdeq.solvers import SolverConfig, collect_stats, residual_histories
 
 ARCHS = ("linear", "conv", "multiconv")
 
@@ -86,6 +86,10 @@ class PcDEQNet(nn.Sequential):
     def epoch_metrics(self) -> dict[str, float]:
         """No per-epoch state beyond the solver statistics."""
         return {}
+
+    def residual_history(self) -> list[list[float]]:
+        """Forward residual history of each pcDEQ layer's last solve."""
+        return residual_histories(self)
 
     def certificate(self) -> dict[str, float]:
         """The Collatz-Wielandt certificate of the last forward pass (see :mod:`pcdeq.certificate`)."""

@@ -1,15 +1,19 @@
-"""The per-run ``results.json``: its schema, atomic writing and reading.
+"""The per-run ``results.json``: its schema, atomic writing and reading, and a run's identity.
 
 The aggregator and the reproduction pipeline read only these files, so the schema is versioned and documented
-here and in the README. Keys with a slash are the metric names logged during training.
+here (the single source; the README links to it). Keys with a slash are the metric names logged during
+training.
 
-Schema (version 1)::
+Schema (version 2; version 1 lacked protocol, run_key, residual_history and the eval keys)::
 
-    schema_version   int      1
+    schema_version   int      2
     status           str      completed | diverged | failed | interrupted
     task             str      train | eval
     experiment       str      experiment_name (groups seeds of one table row)
+    run_key          str      the run's identity: experiment and the overrides that change what is computed
+                              (see run_key); never a timestamp
     dataset, model, family, arch, activation, variant, solver   str (activation/variant null for monDEQ)
+    protocol         dict     the training protocol applied: name, source, dataset, published, note
     seed             int
     num_params       int
     test/acc, test/loss          float   final-epoch test figures (None when the run did not finish)
@@ -29,7 +33,14 @@ Schema (version 1)::
     run_dir          str
     started_at, finished_at   str  ISO 8601 (UTC)
     metrics          dict     every final epoch-level metric (train/*, test/*, val/*)
+    residual_history list     per equilibrium solve of the last test batch: the stopping residual after each
+                              forward iteration (trained weights)
     error            str      the failure message when status is failed
+    checkpoint, source_run_key, solver_overrides, eval_time_s    (eval only) what was evaluated, how
+
+Next to it, ``launch.json`` (``run_key``, ``started_at``, ``pid``, ``host``) is written when a run starts: a
+results.json whose ``started_at`` is older than the last launch is a late write of an earlier process, never the
+result of the current one (see :func:`completed_run`).
 """
 
 from __future__ import annotations
@@ -41,8 +52,58 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("completed", "diverged", "failed", "interrupted")
+
+# Overrides that say where or how a run executes, not what it computes: they are not part of its identity.
+EXECUTION_KEYS = (
+    "experiment", "num_threads", "skip_if_done", "auto_resume", "ckpt_path", "tags", "logger", "callbacks",
+    "paths.data_dir", "paths.log_dir", "paths.output_dir", "dataset.data_dir", "dataset.download",
+    "dataset.num_workers", "dataset.pin_memory", "trainer", "trainer.accelerator", "trainer.devices",
+    "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary", "certificate_every_n_steps",
+)
+
+
+def identity_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change what a run computes, sorted (``+`` / ``++`` prefixes dropped)."""
+    kept = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key not in EXECUTION_KEYS and not key.startswith("hydra"):
+            kept.append(o.lstrip("+"))
+    return sorted(kept)
+
+
+def run_key(experiment: str | None, overrides: list[str]) -> str:
+    """A run's identity: its experiment and the sorted identity overrides (seed included), e.g.
+    ``pcdeq_linear_mnist/model.activation=tanh,seed=0``."""
+    return f"{experiment or '-'}/{','.join(identity_overrides(overrides))}"
+
+
+def completed_run(run_dir: str | Path, key: str) -> dict | None:
+    """The results of ``run_dir`` if they are a completed run of identity ``key`` written by its last launch.
+
+    A stale write (an older process finishing after the directory was reused) is never taken for the current
+    run: the results must name this directory and the key, and must not be older than ``launch.json``.
+    """
+    run_dir = Path(run_dir)
+    try:
+        res = read_results(run_dir / "results.json")
+    except (OSError, ValueError):
+        return None
+    if res.get("status") != "completed" or res.get("run_key") != key:
+        return None
+    if not res.get("run_dir") or Path(res["run_dir"]).resolve() != run_dir.resolve():
+        return None
+    launch = run_dir / "launch.json"
+    if launch.is_file():
+        try:
+            started = json.loads(launch.read_text()).get("started_at") or ""
+        except (OSError, ValueError):
+            return None
+        if (res.get("started_at") or "") < started:
+            return None
+    return res
 
 
 def _clean(value: Any) -> Any:
@@ -83,8 +144,21 @@ def write_results(path: str | Path, results: dict) -> None:
 
 
 def read_results(path: str | Path) -> dict:
-    """Read a results.json (raises on a schema from the future)."""
-    data = json.loads(Path(path).read_text())
-    if data.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {data['schema_version']} is newer than this pcdeq understands")
+    """Read a results.json.
+
+    Raises:
+        ValueError: not JSON, not an object, or a schema version this pcdeq does not read (the message names
+            the file); OSError when it cannot be read.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version not in (1, SCHEMA_VERSION):
+        raise ValueError(f"{path}: schema_version {version!r} is not one this pcdeq reads (1 or {SCHEMA_VERSION})")
+    if version == 1:  # no run_key yet: derive it from what version 1 recorded
+        data.setdefault("run_key", run_key(data.get("experiment"), data.get("overrides") or []))
     return data

@@ -330,6 +330,21 @@ class SolverConfig:
         )
 
 
+def _last_solves(model: torch.nn.Module, direction: str) -> list[SolverStats]:
+    """The ``last_stats[direction]`` of every equilibrium module in ``model``, in module order."""
+    found = []
+    for mod in model.modules():
+        last = getattr(mod, "last_stats", None)
+        if isinstance(last, dict) and isinstance(last.get(direction), SolverStats):
+            found.append(last[direction])
+    return found
+
+
+def residual_histories(model: torch.nn.Module, direction: str = "forward") -> list[list[float]]:
+    """The residual history of each equilibrium module's last solve in ``direction`` (see :func:`collect_stats`)."""
+    return [list(s.history) for s in _last_solves(model, direction)]
+
+
 def collect_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Summarise the last solves of every equilibrium layer in ``model``.
 
@@ -343,15 +358,8 @@ def collect_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
         n_not_converged, nonfinite, contraction; a direction without any solve is omitted.
     """
     out: dict[str, dict[str, float]] = {}
-    per_dir: dict[str, list[SolverStats]] = {"forward": [], "backward": []}
-    for mod in model.modules():
-        last = getattr(mod, "last_stats", None)
-        if not isinstance(last, dict):
-            continue
-        for key in per_dir:
-            if isinstance(last.get(key), SolverStats):
-                per_dir[key].append(last[key])
-    for key, items in per_dir.items():
+    for key in ("forward", "backward"):
+        items = _last_solves(model, key)
         if not items:
             continue
         out[key] = {

@@ -38,6 +38,8 @@ def test_every_network_implements_the_contract(family: str, arch: str) -> None:
     assert set(net.describe()) == {"activation", "variant", "solver"}
     assert set(net.certificate()) <= set(pcdeq.family.CERTIFICATE_KEYS)
     assert all(isinstance(v, float) for v in net.epoch_metrics().values())
+    histories = net.residual_history()
+    assert histories and all(len(h) >= 1 and all(r >= 0 for r in h) for h in histories)
 
 
 @pytest.mark.parametrize(("family", "arch"), FAMILY_ARCHS)
@@ -164,6 +166,9 @@ class Unrolled(nn.Module):
 
     def describe(self):
         return {"activation": "tanh", "variant": None, "solver": "unrolled"}
+
+    def residual_history(self):
+        return []
 
 
 register_family(Family(

@@ -30,7 +30,7 @@ from torch import nn
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
-from pcdeq.solvers import SolverConfig, SolverStats, collect_stats, get_solver
+from pcdeq.solvers import SolverConfig, SolverStats, collect_stats, get_solver, residual_histories
 
 from .operators import ConvTiersMonotone, DenseMonotone
 from .splitting import ImplicitBackwardSpec, SplittingProblem, implicit_backward, tune_alpha
@@ -227,6 +227,10 @@ class MonDEQ(nn.Module):
     def epoch_metrics(self) -> dict[str, float]:
         """The splitting step in use (tuned during training)."""
         return {"alpha": self.alpha}
+
+    def residual_history(self) -> list[list[float]]:
+        """Forward residual history of the last solve (summed over tiers)."""
+        return residual_histories(self)
 
     def certificate(self) -> dict[str, float]:
         """None: convergence is guaranteed by the strong monotonicity of I - W."""

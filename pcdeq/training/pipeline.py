@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
-from pcdeq.results import write_results
+from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.module import EquilibriumModule
@@ -95,7 +95,7 @@ def _overrides() -> list[str]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _peak_memory() -> tuple[float, float | None]:
@@ -127,9 +127,11 @@ def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict
     """The provenance part of results.json: what ran, with which code, where."""
     model = config["model"]
     sha, dirty = _git_commit()
+    overrides = _overrides()
     return {
         "task": config.get("task_name", "train"),
         "experiment": config.get("experiment_name"),
+        "run_key": run_key(config.get("experiment_name"), overrides),
         "dataset": config["dataset"]["name"],
         "model": model["name"],
         "family": model["family"],
@@ -141,7 +143,7 @@ def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict
         "git_commit": sha,
         "git_dirty": dirty,
         "versions": _versions(),
-        "overrides": _overrides(),
+        "overrides": overrides,
         "run_dir": str(run_dir),
     }
 
@@ -160,11 +162,17 @@ class Run:
     trainer: L.Trainer
     loggers: list
     eval_prefixes: tuple[str, ...]
+    started_at: str = ""
 
 
-def build_run(cfg: DictConfig) -> Run:
-    """Resolve the config, seed, load the data and build the module, loggers, callbacks and trainer."""
-    config = resolve_config(cfg)
+def build_run(cfg: DictConfig, config: dict | None = None) -> Run:
+    """Seed, load the data and build the module, loggers, callbacks and trainer.
+
+    Args:
+        cfg: the composed config (its trainer group is instantiated as given).
+        config: the resolved config, when the caller has already resolved (and possibly adjusted) it.
+    """
+    config = resolve_config(cfg) if config is None else config
     run_dir = Path(config["paths"]["output_dir"])
     if config.get("ckpt_path") and not Path(config["ckpt_path"]).is_file():
         raise CheckpointError(f"ckpt_path not found: {config['ckpt_path']} (a run keeps "
@@ -217,7 +225,8 @@ def fit_and_test(run: Run) -> tuple[str, dict[str, float], dict[str, float], flo
         status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt)) else "failed"
         if trainer.is_global_zero and run.run_dir.is_dir():
             write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
-                                                         "status": status, "error": repr(e), "finished_at": _now()})
+                                                         "status": status, "error": repr(e),
+                                                         "started_at": run.started_at, "finished_at": _now()})
         raise
     finally:
         _finish_wandb(run.loggers)
@@ -246,18 +255,56 @@ def run_results(run: Run, status: str, fit_metrics: dict, test_metrics: dict, tr
         "peak_gpu_memory_mb": gpu,
         "finished_at": _now(),
         "metrics": {**fit_metrics, **test_metrics},
+        "residual_history": run.module.net.residual_history() if test_metrics else None,
     }
+
+
+def _reuse_run_dir(config: dict, run_dir: Path, key: str) -> dict | None:
+    """Apply ``skip_if_done`` and ``auto_resume``: the finished results to return, or None to train.
+
+    ``auto_resume`` continues an interrupted or failed run from ``<run dir>/checkpoints/last.ckpt``; a diverged
+    run starts afresh (resuming would continue from the weights that diverged).
+    """
+    if config.get("skip_if_done"):
+        done = completed_run(run_dir, key)
+        if done is not None:
+            log.info("already completed, skipped (skip_if_done): %s", run_dir / "results.json")
+            return done
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if config.get("auto_resume") and not config.get("ckpt_path") and last.is_file():
+        try:
+            previous = read_results(run_dir / "results.json").get("status")
+        except (OSError, ValueError):
+            previous = None  # killed before it could write any: resume
+        if previous != "diverged":
+            config["ckpt_path"] = str(last)
+            log.info("resuming from %s (auto_resume; previous status %s)", last, previous or "unknown")
+    return None
 
 
 def train(cfg: DictConfig) -> dict:
     """Train one configuration and write ``results.json`` into the run directory.
 
+    With ``skip_if_done`` a run whose directory already holds its completed results is not trained again; with
+    ``auto_resume`` an interrupted one resumes from its last checkpoint. ``launch.json`` records each start, so
+    a late write of an earlier process is never taken for this run's result.
+
     Returns:
         The results dict (also written to disk on rank 0).
     """
     started = _now()
-    run = build_run(cfg)
+    config = resolve_config(cfg)
+    run_dir = Path(config["paths"]["output_dir"])
+    key = run_key(config.get("experiment_name"), _overrides())
+    done = _reuse_run_dir(config, run_dir, key)
+    if done is not None:
+        return done
+    run = build_run(cfg, config)
+    run.started_at = started
     log.info("run directory: %s", run.run_dir)
+    if run.trainer.is_global_zero:
+        atomic_write_json(run_dir / "launch.json", {"run_key": key, "started_at": started, "pid": os.getpid(),
+                                                    "host": platform.node()})
     status, fit_metrics, test_metrics, train_time = fit_and_test(run)
     results = {**base_results(run.config, run.module, run.run_dir), "started_at": started,
                **run_results(run, status, fit_metrics, test_metrics, train_time)}
@@ -279,14 +326,40 @@ def _finish_wandb(loggers: list) -> None:
 # ---------------------------------------------------------------- evaluation
 
 
+def _solver_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The ``solver.*`` keys given to eval.py (None: keep the checkpoint's)."""
+    given = OmegaConf.to_container(cfg.get("solver") or {}, resolve=True)
+    assert isinstance(given, dict)
+    return {str(k): v for k, v in given.items() if v is not None}
+
+
+def _source_run_key(ckpt: Path) -> str | None:
+    """The run_key of the training run that wrote ``<run dir>/checkpoints/<name>.ckpt`` (None if unknown)."""
+    try:
+        return read_results(ckpt.parent.parent / "results.json").get("run_key")
+    except (OSError, ValueError):
+        return None
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Evaluate a checkpoint on its dataset's test set and write ``results.json`` in the eval run directory."""
+    """Evaluate a checkpoint on its dataset's test set and write ``results.json`` in the eval run directory.
+
+    ``solver.*`` keys evaluate with other solver settings than the training run's (a tolerance sweep of
+    inference: ``python eval.py ckpt_path=... solver.fwd_tol=1e-2``); ``data_dir``, ``synthetic``, ``batch_size``,
+    ``download`` and ``num_workers`` replace the checkpoint's dataset settings.
+    """
     ckpt = Path(str(cfg.ckpt_path))
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
     started = _now()
     module = EquilibriumModule.load_from_checkpoint(ckpt, map_location="cpu")
     config = dict(module.hparams["config"])
+    solver_overrides = _solver_overrides(cfg)
+    if solver_overrides:  # the same weights under other solver settings
+        config["solver"] = {**config["solver"], **solver_overrides}
+        tuned = EquilibriumModule(config, module.eval_prefixes, module.certificate_every)
+        tuned.load_state_dict(module.state_dict())
+        module = tuned
     dataset = dict(config["dataset"])
     for key in ("data_dir", "synthetic", "batch_size", "download", "num_workers"):
         if cfg.get(key) is not None:
@@ -301,12 +374,17 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
     metrics = _metrics(trainer)
     results = base_results({**config, "task_name": "eval"}, module, run_dir)
+    source = _source_run_key(ckpt)
+    tail = ",".join(f"solver.{k}={v}" for k, v in sorted(solver_overrides.items()))
     rss, gpu = _peak_memory()
     results.update({
-        "status": "completed", "checkpoint": str(ckpt), "started_at": started, "finished_at": _now(),
+        "status": "completed", "checkpoint": str(ckpt), "source_run_key": source,
+        "run_key": f"eval:{source or ckpt}|{tail}", "solver_overrides": solver_overrides,
+        "started_at": started, "finished_at": _now(),
         "test/acc": metrics.get("test/acc"), "test/loss": metrics.get("test/loss"),
         "test/fwd_iters": metrics.get("test/fwd_iters"), "eval_time_s": time.perf_counter() - t0,
         "peak_memory_mb": rss, "peak_gpu_memory_mb": gpu, "metrics": metrics,
+        "residual_history": module.net.residual_history(),
     })
     write_results(run_dir / "results.json", results)
     log.info("test acc %s, results: %s", results["test/acc"], run_dir / "results.json")

@@ -95,6 +95,8 @@ class TrainConfig:
     test_every_epoch: bool = True
     num_threads: int | None = None
     certificate_every_n_steps: int = 20
+    skip_if_done: bool = False    # reproduction runs: do not train again what already completed (same run_key)
+    auto_resume: bool = False     # reproduction runs: resume an interrupted run from its last.ckpt
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     paths: Any = MISSING
     dataset: Any = MISSING
@@ -106,12 +108,21 @@ class TrainConfig:
     callbacks: Any = MISSING
 
 
+# Every SolverConfig key, optional: eval.py applies the ones given over the checkpoint's solver settings.
+SolverOverrides = make_dataclass(
+    "SolverOverrides",
+    [(f.name, hint | None, field(default=None))
+     for f, hint in ((f, typing.get_type_hints(SolverConfig)[f.name]) for f in fields(SolverConfig))],
+)
+
+
 @dataclass
 class EvalConfig:
     """Top-level keys of ``conf/eval.yaml``: the model, data and solver come from the checkpoint."""
 
     task_name: str = "eval"
     ckpt_path: str = MISSING
+    solver: Any = field(default_factory=SolverOverrides)  # e.g. solver.fwd_tol=1e-2: evaluate at another tolerance
     data_dir: str | None = None   # optional overrides of the checkpoint's dataset settings (null keeps them)
     synthetic: bool | None = None
     batch_size: int | None = None
