@@ -4,7 +4,12 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all lint clean help
+LAUNCHER ?= basic
+TABLES   ?= all
+PROFILE  ?= full
+TAG      ?=
+
+.PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables
 
 help:
 	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
@@ -12,6 +17,9 @@ help:
 	@echo "make test-slow   only the tests marked slow"
 	@echo "make lint        ruff and mypy"
 	@echo "make install     create $(VENV) and install pcdeq in editable mode (idempotent)"
+	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu]"
+	@echo "                 train what the tables need (skipping what is done), then aggregate"
+	@echo "make tables [PROFILE=full|smoke]   aggregate the existing runs into tables and plots, no training"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +44,14 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pcdeq tests scripts train.py eval.py
 	$(BIN)/mypy
+
+reproduce-tables: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m pcdeq.reproduce --tables $(TABLES) --profile $(PROFILE) \
+		--launcher $(LAUNCHER) $(if $(TAG),--tag $(TAG))
+	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
+
+tables: $(STAMP)
+	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

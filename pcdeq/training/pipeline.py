@@ -352,6 +352,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
     started = _now()
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     module = EquilibriumModule.load_from_checkpoint(ckpt, map_location="cpu")
     config = dict(module.hparams["config"])
     solver_overrides = _solver_overrides(cfg)

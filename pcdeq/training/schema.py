@@ -128,6 +128,7 @@ class EvalConfig:
     batch_size: int | None = None
     download: bool | None = None
     num_workers: int | None = None
+    num_threads: int | None = None  # torch.set_num_threads(n); null keeps torch's default
     paths: Any = MISSING
     trainer: Any = MISSING
 
