@@ -297,7 +297,7 @@ def index_runs(root: Path) -> RunIndex:
             else:
                 index.problems.append((d, str(res.get("status")), str(res.get("error") or "")))
             continue
-        key = res.get("run_key", "")
+        key = run_key(res.get("experiment"), res.get("overrides") or [])
         if completed_run(d, key) is not None:
             index.completed[key] = res
         elif res.get("status") == "completed":
@@ -347,7 +347,7 @@ def _split_products(keys: list[str], combos: list[dict[str, str]]) -> list[dict[
 
 def _hydra_args(launcher: str, sweep_dir: Path) -> list[str]:
     excluded = "[" + ",".join(EXECUTION_KEYS) + "]"
-    args = [f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+    args = [f"hydra.sweep.dir='{sweep_dir}'", "hydra.sweep.subdir='${run_slug:${hydra.job.override_dirname}}'",
             f"hydra.job.config.override_dirname.exclude_keys={excluded}"]
     if launcher != "basic":
         args.insert(0, f"hydra/launcher={LAUNCHERS[launcher]}")
@@ -383,7 +383,7 @@ def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_thre
         for s in settings:
             out = profile.root / "eval" / source.parent.name / source.name
             cmds.append([sys.executable, str(PROJECT_ROOT / "eval.py"), "-m",
-                         f"ckpt_path={source / 'checkpoints' / 'last.ckpt'}", *s, f"num_threads={num_threads}",
+                         f"ckpt_path='{source / 'checkpoints' / 'last.ckpt'}'", *s, f"num_threads={num_threads}",
                          *_hydra_args(launcher, out)])
     return cmds
 

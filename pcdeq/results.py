@@ -64,13 +64,30 @@ EXECUTION_KEYS = (
 )
 
 
+def canonical_value(value: str) -> str:
+    """One spelling per value, as Hydra reads it: ``1e-2`` and ``0.01`` -> ``0.01``, ``True`` -> ``true``."""
+    v = value.strip()
+    if v.startswith("[") and v.endswith("]"):
+        return "[" + ",".join(canonical_value(x) for x in v[1:-1].split(",") if x.strip()) + "]"
+    if v.lower() in ("true", "false"):
+        return v.lower()
+    try:
+        return str(int(v))
+    except ValueError:
+        pass
+    try:
+        return repr(float(v))
+    except ValueError:
+        return v
+
+
 def identity_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that change what a run computes, sorted (``+`` / ``++`` prefixes dropped)."""
+    """The overrides that change what a run computes, canonical and sorted (``+`` / ``++`` prefixes dropped)."""
     kept = []
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key not in EXECUTION_KEYS and not key.startswith("hydra"):
-            kept.append(o.lstrip("+"))
+        key, _, value = o.lstrip("+").partition("=")
+        if key.lstrip("~") not in EXECUTION_KEYS and not key.startswith("hydra"):
+            kept.append(f"{key}={canonical_value(value)}")
     return sorted(kept)
 
 
@@ -91,7 +108,8 @@ def completed_run(run_dir: str | Path, key: str) -> dict | None:
         res = read_results(run_dir / "results.json")
     except (OSError, ValueError):
         return None
-    if res.get("status") != "completed" or res.get("run_key") != key:
+    # the identity is recomputed from what the run recorded, so it follows this pcdeq's canonical spelling
+    if res.get("status") != "completed" or run_key(res.get("experiment"), res.get("overrides") or []) != key:
         return None
     if not res.get("run_dir") or Path(res["run_dir"]).resolve() != run_dir.resolve():
         return None

@@ -25,10 +25,41 @@ def paper_channels(family: str, arch: str, dataset: str) -> Any:
     return list(size) if isinstance(size, tuple) else size
 
 
+def run_slug(override_dirname: str) -> str:
+    """A directory name from Hydra's ``override_dirname`` that can itself be passed back as an override value.
+
+    ``model.activation=tanh,model.channels=[3,4,5],seed=0`` -> ``model.activation-tanh__model.channels-3x4x5__seed-0``
+    (Hydra's override grammar reads ``=``, ``,`` and brackets in a path as syntax).
+    """
+    items = [i for i in _split_top(override_dirname) if i]
+    out = []
+    for item in items:
+        key, _, value = item.partition("=")
+        value = value.replace("[", "").replace("]", "").replace(",", "x").replace("/", "-").replace("'", "")
+        out.append(f"{key}-{value}" if value else key)
+    return "__".join(out) or "default"
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("paper_channels"):
         OmegaConf.register_new_resolver("paper_channels", paper_channels)
+    if not OmegaConf.has_resolver("run_slug"):
+        OmegaConf.register_new_resolver("run_slug", run_slug)
 
 
 register_resolvers()
