@@ -8,6 +8,7 @@ LAUNCHER ?= basic
 TABLES   ?= all
 PROFILE  ?= full
 TAG      ?=
+EXTRA    ?=
 
 .PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables
 
@@ -17,7 +18,7 @@ help:
 	@echo "make test-slow   only the tests marked slow"
 	@echo "make lint        ruff and mypy"
 	@echo "make install     create $(VENV) and install pcdeq in editable mode (idempotent)"
-	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu]"
+	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu] [EXTRA=trainer=gpu]"
 	@echo "                 train what the tables need (skipping what is done), then aggregate"
 	@echo "make tables [PROFILE=full|smoke]   aggregate the existing runs into tables and plots, no training"
 
@@ -47,7 +48,7 @@ lint: $(STAMP)
 
 reproduce-tables: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m pcdeq.reproduce --tables $(TABLES) --profile $(PROFILE) \
-		--launcher $(LAUNCHER) $(if $(TAG),--tag $(TAG))
+		--launcher $(LAUNCHER) $(if $(TAG),--tag $(TAG)) $(if $(EXTRA),--extra "$(EXTRA)")
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
 tables: $(STAMP)

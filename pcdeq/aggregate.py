@@ -212,13 +212,19 @@ def _tex_escape(text: str) -> str:
     return text
 
 
+def _tex_cell(cell: Stat | float | str | None, column: str) -> str:
+    text = _fmt(cell, column, latex=True)
+    if isinstance(cell, str):
+        text = _tex_escape(text)
+    return text.replace(",", "{,}")  # thousands separators, not column breaks in some packages
+
+
 def to_latex(table: Table) -> str:
     cols = "l" + "r" * (len(table.header) - 1) + "l"
     lines = [f"% {table.spec.title}", f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
              " & ".join(_tex_escape(_title(c)) for c in table.header) + " & notes \\\\", "\\midrule"]
     for row in table.rows:
-        cells = [_tex_escape(row.label)] + [_fmt(row.cells.get(c), c, latex=True).replace(",", "{,}")
-                                            for c in table.header[1:]]
+        cells = [_tex_escape(row.label)] + [_tex_cell(row.cells.get(c), c) for c in table.header[1:]]
         lines.append(" & ".join(cells) + f" & {_tex_escape(_marks(table, row))} \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"

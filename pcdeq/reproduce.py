@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from pcdeq.activations import ACTIVATIONS
 from pcdeq.errors import ConfigError, PcdeqUserError
 from pcdeq.results import EXECUTION_KEYS, completed_run, read_results, run_key
 
@@ -127,6 +128,10 @@ def load_spec(name_or_path: str | Path) -> TableSpec:
         overrides = tuple(str(o) for o in r.get("overrides") or ())
         if any("=" not in o for o in overrides):
             raise _fail(path, f"row {i + 1}: overrides must be key=value, got {list(overrides)}")
+        for o in overrides:
+            if o.startswith("model.activation=") and o.split("=", 1)[1] not in ACTIVATIONS:
+                raise _fail(path, f"row {i + 1}: unknown activation {o.split('=', 1)[1]!r}; valid choices: "
+                                  f"{', '.join(ACTIVATIONS)}")
         sweep = r.get("sweep") or {}
         if kind == "tolerance" and not (sweep.get("keys") and sweep.get("values")):
             raise _fail(path, f"row {i + 1}: a tolerance table needs sweep: {{keys: [...], values: [...]}}")
@@ -162,14 +167,15 @@ class Profile:
 
 
 def load_profile(name: str) -> Profile:
-    """Read ``experiments/profiles/<name>.yaml``; relative paths are relative to the project root."""
-    path = SPEC_DIR / "profiles" / f"{name}.yaml"
+    """Read ``experiments/profiles/<name>.yaml`` (or a profile file's path); relative paths in it are relative to
+    the project root."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else SPEC_DIR / "profiles" / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (SPEC_DIR / "profiles").glob("*.yaml")))
         raise ConfigError(f"unknown profile {name!r} (no {path}); valid: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
     root, out = Path(raw.get("root", "results/runs")), Path(raw.get("out", "results/tables"))
-    return Profile(name=name, root=root if root.is_absolute() else PROJECT_ROOT / root,
+    return Profile(name=path.stem, root=root if root.is_absolute() else PROJECT_ROOT / root,
                    out=out if out.is_absolute() else PROJECT_ROOT / out,
                    overrides=tuple(str(o) for o in raw.get("overrides") or ()),
                    channels={str(k): str(v) for k, v in (raw.get("channels") or {}).items()},
@@ -354,18 +360,50 @@ def _hydra_args(launcher: str, sweep_dir: Path) -> list[str]:
     return args
 
 
-def train_commands(jobs: list[Job], profile: Profile, launcher: str, num_threads: int) -> list[list[str]]:
+def check_jobs(jobs: Iterable[tuple[Row, Job]], spec_of: dict[str, TableSpec]) -> None:
+    """Compose and build every distinct row before anything runs, so a bad spec fails in seconds.
+
+    Raises:
+        ConfigError: naming the spec file, the row and Hydra's or the builder's message.
+    """
+    # deferred: the training stack (Lightning, Hydra) is needed only here, not to plan or aggregate
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from pcdeq.training.config import net_from_config
+
+    seen = set()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        for row, job in jobs:
+            overrides = tuple(o for o in job.overrides if not o.startswith("seed="))
+            if (job.experiment, overrides) in seen:
+                continue
+            seen.add((job.experiment, overrides))
+            try:
+                cfg = compose("train", overrides=[f"experiment={job.experiment}", *overrides])
+                sub = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "solver")}
+                net_from_config(sub)
+            except (HydraException, PcdeqUserError, ValueError) as e:
+                where = spec_of.get(row.label)
+                raise ConfigError(f"{where.path if where else 'table spec'}: row {row.label!r}: "
+                                  f"{' '.join(str(e).split())}") from None
+
+
+def train_commands(jobs: list[Job], profile: Profile, launcher: str, num_threads: int,
+                   extra: Sequence[str] = ()) -> list[list[str]]:
     """One ``train.py -m`` command per group of jobs that forms a Cartesian product."""
     cmds = []
     for experiment, values in _products(jobs):
         sweep = [f"{k}={','.join(v)}" for k, v in values.items()]
         cmds.append([sys.executable, str(PROJECT_ROOT / "train.py"), "-m", f"experiment={experiment}", *sweep,
-                     "skip_if_done=true", "auto_resume=true", f"num_threads={num_threads}",
+                     "skip_if_done=true", "auto_resume=true", f"num_threads={num_threads}", *extra,
                      *_hydra_args(launcher, profile.root / experiment)])
     return cmds
 
 
-def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_threads: int) -> list[list[str]]:
+def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_threads: int,
+                  extra: Sequence[str] = ()) -> list[list[str]]:
     """One ``eval.py -m`` command per source model, sweeping its solver settings."""
     by_source: dict[Path, list[EvalJob]] = defaultdict(list)
     for job in jobs:
@@ -384,7 +422,7 @@ def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_thre
             out = profile.root / "eval" / source.parent.name / source.name
             cmds.append([sys.executable, str(PROJECT_ROOT / "eval.py"), "-m",
                          f"ckpt_path='{source / 'checkpoints' / 'last.ckpt'}'", *s, f"num_threads={num_threads}",
-                         *_hydra_args(launcher, out)])
+                         *[e for e in extra if e.startswith(("trainer", "hydra"))], *_hydra_args(launcher, out)])
     return cmds
 
 
@@ -400,8 +438,17 @@ def _run(cmd: list[str], dry_run: bool) -> int:
 
 
 def reproduce(tables: Iterable[str], profile: Profile, launcher: str = "basic", tag: str | None = None,
-              num_threads: int = 1, dry_run: bool = False) -> int:
+              num_threads: int = 1, dry_run: bool = False, extra: Sequence[str] = ()) -> int:
     """Run every missing job of ``tables`` (training first, then the evaluations that need its models).
+
+    Args:
+        tables: table spec names.
+        profile: where runs live and what every job adds.
+        launcher: basic (sequential), joblib (local processes), slurm, submitit_local.
+        tag: only rows with this tag.
+        num_threads: torch threads per job.
+        dry_run: print the commands only.
+        extra: overrides added to every job that do not change what it computes (e.g. ``trainer=gpu``).
 
     Returns:
         The number of launched commands that failed (0 when all went through).
@@ -409,22 +456,30 @@ def reproduce(tables: Iterable[str], profile: Profile, launcher: str = "basic", 
     if launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {launcher!r}; valid choices: {', '.join(LAUNCHERS)}")
     specs = [load_spec(t) for t in tables]
+    bad = [e for e in extra if run_key("x", [e]) != "x/"]
+    if bad:
+        raise ConfigError(f"--extra takes only execution settings (trainer, paths, num_workers, ...), not "
+                          f"{', '.join(bad)}: put what changes results in a table spec")
+    jobs = [(row, job, spec) for spec in specs for row, job in train_jobs(spec, profile, tag)]
+    check_jobs([(row, job) for row, job, _ in jobs], {row.label: spec for row, _, spec in jobs})
     index = index_runs(profile.root)
-    wanted = {job.key: job for spec in specs for _, job in train_jobs(spec, profile, tag)}  # shared runs once
+    wanted = {job.key: job for _, job, _ in jobs}  # a run shared by several tables runs once
     pending = [job for key, job in wanted.items() if key not in index.completed]
     log.info("training: %d runs for %s, %d done, %d to run (profile %s, runs in %s)", len(wanted),
              ", ".join(s.name for s in specs), len(wanted) - len(pending), len(pending), profile.name, profile.root)
-    failures = sum(_run(cmd, dry_run) != 0 for cmd in train_commands(pending, profile, launcher, num_threads))
+    failures = sum(_run(cmd, dry_run) != 0 for cmd in train_commands(pending, profile, launcher, num_threads,
+                                                                      extra))
     index = index_runs(profile.root)
     todo: list[EvalJob] = []
     for spec in specs:
-        jobs, missing = eval_jobs(spec, profile, index, tag)
+        evals, missing = eval_jobs(spec, profile, index, tag)
         for line in missing:
             log.warning("%s: %s", spec.name, line)
-        todo += [job for _, job in jobs if find_eval(index, job) is None]
+        todo += [job for _, job in evals if find_eval(index, job) is None]
     if todo:
         log.info("evaluation: %d jobs to run", len(todo))
-        failures += sum(_run(cmd, dry_run) != 0 for cmd in eval_commands(todo, profile, launcher, num_threads))
+        failures += sum(_run(cmd, dry_run) != 0 for cmd in eval_commands(todo, profile, launcher, num_threads,
+                                                                          extra))
     return failures
 
 
@@ -436,12 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="only the rows carrying this tag (e.g. cpu)")
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads per job (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    parser.add_argument("--extra", default="", help="execution overrides for every job, e.g. 'trainer=gpu'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[reproduce] %(message)s")
     try:
         tables = list_specs() if args.tables == "all" else [t for t in args.tables.split(",") if t]
         return 1 if reproduce(tables, load_profile(args.profile), args.launcher, args.tag or None,
-                              args.num_threads, args.dry_run) else 0
+                              args.num_threads, args.dry_run, args.extra.split()) else 0
     except PcdeqUserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
