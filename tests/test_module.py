@@ -32,6 +32,7 @@ def test_fast_dev_run_of_every_model(model: str, tmp_path: Path) -> None:
     assert changed  # one optimizer step was taken
     if model.startswith("pcdeq"):
         assert "train/cw_bound_max" in fit_metrics  # the certificate is computed on batch 0
+        assert fit_metrics["train/cw_uncertified"] == 0.0 and fit_metrics["train/cw_bound_max"] < 1
         projected = [p for n, p in run.module.net.named_parameters() if n.endswith((".g", ".v"))]
         assert projected and all(float(p.detach().min()) >= 0 for p in projected)
 

@@ -133,7 +133,9 @@ class EquilibriumModule(L.LightningModule):
         if self.certificate_every and batch_idx % self.certificate_every == 0:
             # Here, before the optimizer step, the weights are the ones that produced the fixed points.
             cert = self.net.certificate()
-            self._aggregate("train", "max").update({f"train/{k}": v for k, v in cert.items()})
+            for reduce in {CERTIFICATE_KEYS[k] for k in cert}:  # each figure by its epoch reduction
+                self._aggregate("train", reduce).update(
+                    {f"train/{k}": v for k, v in cert.items() if CERTIFICATE_KEYS[k] == reduce})
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
