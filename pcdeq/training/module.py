@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq.family import CERTIFICATE_KEYS
+from pcdeq.training.checkpoint import CHECKPOINT_VERSION, VERSION_KEY
 from pcdeq.training.config import net_from_config
 from pcdeq.training.metrics import EpochAggregate
 from pcdeq.training.optim import build_optimizer, build_scheduler
@@ -205,6 +206,10 @@ class EquilibriumModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the format version: a pcdeq older than the checkpoint refuses it with one message (pcdeq.training.checkpoint)
+        checkpoint[VERSION_KEY] = CHECKPOINT_VERSION
 
     # ---- optimisation ----
     def configure_optimizers(self):

@@ -36,9 +36,11 @@ from omegaconf.errors import OmegaConfBaseException
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import write_results
+from pcdeq.training.checkpoint import load_module, resume_if_requeued, trainer_plugins
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.module import EquilibriumModule
+from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 
 log = logging.getLogger("pcdeq")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +122,8 @@ def make_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.T
     tcfg = OmegaConf.to_container(trainer_cfg, resolve=True)
     assert isinstance(tcfg, dict)
     bar = _progress_bar(tcfg.pop("enable_progress_bar", None))
-    return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, enable_progress_bar=bar)
+    plugins = {} if "plugins" in tcfg else {"plugins": trainer_plugins()}  # atomic checkpoint writes
+    return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, enable_progress_bar=bar, **plugins)
 
 
 def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict:
@@ -214,7 +217,7 @@ def fit_and_test(run: Run) -> tuple[str, dict[str, float], dict[str, float], flo
     except BaseException as e:
         # A kill or preemption (SIGTERM, Ctrl-C) is "interrupted", anything else "failed"; either way the run
         # directory says what happened before the exception propagates.
-        status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt)) else "failed"
+        status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt, SystemExit)) else "failed"
         if trainer.is_global_zero and run.run_dir.is_dir():
             write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
                                                          "status": status, "error": repr(e), "finished_at": _now()})
@@ -256,6 +259,9 @@ def train(cfg: DictConfig) -> dict:
         The results dict (also written to disk on rank 0).
     """
     started = _now()
+    config = resolve_config(cfg)
+    validate_train(config, hydra_overrides())  # every value, before any data is read or any file written
+    resume_if_requeued(cfg, config)  # a requeued Slurm job resumes from its own last checkpoint
     run = build_run(cfg)
     log.info("run directory: %s", run.run_dir)
     status, fit_metrics, test_metrics, train_time = fit_and_test(run)
@@ -281,11 +287,12 @@ def _finish_wandb(loggers: list) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate a checkpoint on its dataset's test set and write ``results.json`` in the eval run directory."""
+    validate_eval(resolve_config(cfg))
     ckpt = Path(str(cfg.ckpt_path))
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
     started = _now()
-    module = EquilibriumModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = load_module(ckpt)  # safe load; a damaged, newer or mismatched checkpoint is one message
     config = dict(module.hparams["config"])
     dataset = dict(config["dataset"])
     for key in ("data_dir", "synthetic", "batch_size", "download", "num_workers"):
