@@ -162,3 +162,28 @@ def test_evaluate_a_truncated_checkpoint_writes_nothing(tmp_path: Path, trained:
     with pytest.raises(CheckpointError, match="is truncated or damaged"):
         evaluate(cfg)
     assert not (tmp_path / "ev" / "results.json").exists()
+
+
+def test_trainer_plugins_turn_off_lightnings_slurm_requeue_under_submitit(monkeypatch) -> None:
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for var in ("SUBMITIT_EXECUTOR", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert [type(p) for p in ckpt_mod.trainer_plugins()] == [AtomicCheckpointIO]
+    # a submitit job on Slurm: submitit requeues (and the job resumes from its own last.ckpt), Lightning must not
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    plugins = ckpt_mod.trainer_plugins()
+    assert isinstance(plugins[1], SLURMEnvironment) and plugins[1].auto_requeue is False
+
+
+def test_requeued_job_resumes_from_its_own_checkpoint(tmp_path: Path, monkeypatch, trained: Path) -> None:
+    run = trained.parent.parent
+    config = {"ckpt_path": None, "paths": {"output_dir": str(run)}}
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert ckpt_mod.requeued_checkpoint(config) is None  # not a submitit job: a fresh start, as asked
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    assert ckpt_mod.requeued_checkpoint(config) == trained
+    assert ckpt_mod.requeued_checkpoint({**config, "ckpt_path": "x.ckpt"}) is None  # an explicit ckpt_path wins
+    assert ckpt_mod.requeued_checkpoint({**config, "paths": {"output_dir": str(tmp_path)}}) is None  # first start
