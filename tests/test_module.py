@@ -53,3 +53,25 @@ def test_epoch_aggregate_matches_hand_computation() -> None:
         assert mean.compute() == {}
     with pytest.raises(KeyError):
         mean.update({"c": 1.0})
+
+
+def test_third_party_messages_are_silenced_exactly(caplog) -> None:
+    import logging
+    import warnings
+
+    from pcdeq.training.quiet import silence_third_party
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_third_party()
+        warnings.warn("Total length of `list` across ranks is zero. Please make sure this was your intention.",
+                      UserWarning, stacklevel=1)
+        warnings.warn("Total length of `DataLoader` across ranks is zero. Please make sure this was your intention.",
+                      UserWarning, stacklevel=1)  # a real empty loader: kept
+    assert [str(w.message).split("`")[1] for w in seen] == ["DataLoader"]
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        lightning_log.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+                           "(https://pypi.org/project/litlogger/) to enable LitLogger.")
+        lightning_log.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]

@@ -192,6 +192,18 @@ class EquilibriumModule(L.LightningModule):
                 parts.append(f"{key} " + fmt.format(float(m[key])))
         parts.append(f"{self.epoch_times[-1]:.1f} s")
         log.info(" | ".join(parts))
+        # the warnings that matter: one line each per epoch, with the setting to change
+        failed = {tag: int(float(m[f"train/{tag}_not_converged"])) for tag in ("fwd", "bwd")
+                  if float(m.get(f"train/{tag}_not_converged", 0.0)) > 0}
+        if failed:
+            counts = " and ".join(f"{n} {'forward' if tag == 'fwd' else 'backward'}" for tag, n in failed.items())
+            log.warning(f"epoch {self.current_epoch}: {counts} samples stopped at the iteration cap before the "
+                        "tolerance; raise solver." + "/".join(f"{t}_max_iter" for t in failed) + " or relax "
+                        "solver." + "/".join(f"{t}_tol" for t in failed))
+        uncertified = float(m.get("train/cw_uncertified", 0.0))
+        if uncertified > 0:
+            log.warning(f"epoch {self.current_epoch}: the convergence certificate did not certify {uncertified:.0f} "
+                        "checked batches (Collatz-Wielandt bound >= 1): see train/cw_bound_max")
 
     # ---- evaluation ----
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

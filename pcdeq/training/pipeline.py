@@ -40,9 +40,11 @@ from pcdeq.training.checkpoint import load_module, resume_if_requeued, trainer_p
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.module import EquilibriumModule
+from pcdeq.training.quiet import silence_third_party
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 
 log = logging.getLogger("pcdeq")
+silence_third_party()  # advertising and deprecations from inside libraries, by exact message
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
