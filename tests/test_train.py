@@ -150,7 +150,7 @@ BAD_INPUT = [
     (["dataset=mnist", "dataset.download=false", "paths.data_dir={mnist}"],
      "MNIST/raw/train-images-idx3-ubyte is damaged: truncated: 5000 bytes, its header announces 20 items"),
     (["dataset=mnist", "paths.data_dir={file}"], "is a file, not a directory; fix: point paths.data_dir=..."),
-    (["ckpt_path={tmp}/none.ckpt"], "checkpoint not found"),
+    (["ckpt_path={tmp}/none.ckpt"], "/empty/none.ckpt: checkpoint not found; fix: pass an existing checkpoint"),
     (["hydra.run.dir={file}/run"], "cannot create the run directory"),
 ]
 

@@ -75,7 +75,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (a run keeps <run dir>/checkpoints/last.ckpt)")
+        raise CheckpointError(f"ckpt_path={path}: checkpoint not found; fix: pass an existing checkpoint (a run keeps "
+                              "<run dir>/checkpoints/last.ckpt)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); {DAMAGED_FIX}")
     try:
