@@ -13,7 +13,7 @@ Public API::
 from pcdeq.activations import ACTIVATIONS, get_activation, register_activation
 from pcdeq.certificate import collatz_wielandt_bound, convergence_certificate
 from pcdeq.datasets import DATASET_SPECS, DatasetSpec, get_spec
-from pcdeq.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, PcdeqUserError
+from pcdeq.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, OutputError, PcdeqUserError
 from pcdeq.family import FAMILIES, EquilibriumNet, Family, build_net, get_family, register_family
 from pcdeq.layer import NonnegWeight, PcDEQLayer
 from pcdeq.models import PAPER_SIZES, PcDEQNet, build_model, build_network
@@ -37,6 +37,7 @@ __all__ = [
     "Family",
     "MonDEQ",
     "NonnegWeight",
+    "OutputError",
     "PcDEQLayer",
     "PcDEQNet",
     "PcdeqUserError",

@@ -4,7 +4,7 @@ Anything a user can fix (a bad config value, a missing or damaged file, a checkp
 config) raises a subclass of :class:`PcdeqUserError`. The entry points print its message as one line (plus up
 to three lines of detail) and exit with status 2, without a traceback. Library code can catch the specific
 subclass; the subclasses also derive from the builtin exception a caller would expect (``ValueError`` for bad
-values, ``FileNotFoundError`` for missing data).
+values, ``FileNotFoundError`` for missing data, ``OSError`` for unwritable outputs).
 """
 
 from __future__ import annotations
@@ -28,3 +28,7 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 class CheckpointError(PcdeqUserError):
     """A checkpoint cannot be used (missing, damaged, or written for another model or schema)."""
+
+
+class OutputError(PcdeqUserError, OSError):
+    """An output directory (run, log or aggregate directory) cannot be created or written."""

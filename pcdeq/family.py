@@ -28,7 +28,9 @@ Tensor = torch.Tensor
 Size = int | tuple[int, ...]
 
 # What EquilibriumNet.certificate() may report, and how the training loop aggregates each over an epoch.
-CERTIFICATE_KEYS: dict[str, str] = {"cw_bound_max": "max", "cw_bound_mean": "max", "contraction": "max"}
+# cw_uncertified is 1 for a batch whose bound is >= 1, so its epoch sum counts the batches not certified.
+CERTIFICATE_KEYS: dict[str, str] = {"cw_bound_max": "max", "cw_bound_mean": "max", "cw_uncertified": "sum",
+                                    "contraction": "max"}
 
 
 @runtime_checkable

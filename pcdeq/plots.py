@@ -22,15 +22,20 @@ from pcdeq.reproduce import Profile, RunIndex, TableSpec, eval_jobs, find_eval, 
 
 
 def _epoch_curve(run_dir: Path, key: str = "test/acc") -> dict[int, float]:
-    """epoch -> value of ``key`` from a run's CSV log (empty when the file or the column is missing)."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        return {}
+    """epoch -> value of ``key`` from a run's CSV logs (empty when there are none or the column is missing).
+
+    A resumed run logged its earlier attempts to ``csv_part<k>/`` and the last one to ``csv/``: read in that
+    order, a later attempt's value for an epoch replaces an earlier one.
+    """
+    parts = sorted(run_dir.glob("csv_part*/metrics.csv"), key=lambda p: int(p.parent.name[8:] or 0))
     curve: dict[int, float] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
-                curve[int(float(row["epoch"])) + 1] = float(row[key])
+    for path in [*parts, run_dir / "csv" / "metrics.csv"]:
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
+                    curve[int(float(row["epoch"])) + 1] = float(row[key])
     return curve
 
 

@@ -49,8 +49,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 SCHEMA_VERSION = 2
 STATUSES = ("completed", "diverged", "failed", "interrupted")
@@ -137,21 +138,49 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def atomic_write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename (no half-written file)."""
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file through a temporary file in the same directory, fsync and an atomic rename.
+
+    ``write(f)`` fills the binary file ``f``. Whatever fails (a full disk, a kill, an exception in ``write``), the
+    previous ``path`` is left as it was and the temporary file is removed: a reader only ever sees the old or the
+    new complete file. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(data), f, indent=2, sort_keys=True)
-            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    text = json.dumps(_clean(data), indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_results(path: str | Path, results: dict) -> None:

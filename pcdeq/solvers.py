@@ -297,16 +297,17 @@ class SolverConfig:
             code) or "resolvent" (ours). Same solution; the iterates, and so the iteration counts, differ.
     """
 
+    # ``metadata["valid"]``: the range the training stack checks at startup (see pcdeq.training.validate)
     fwd_solver: str = "fixed_point"
-    fwd_tol: float = 1e-4
-    fwd_max_iter: int = 200
+    fwd_tol: float = field(default=1e-4, metadata={"valid": "(0, 1)", "example": "1e-4"})
+    fwd_max_iter: int = field(default=200, metadata={"valid": "[1, inf)", "example": "200"})
     bwd_solver: str = "fixed_point"
-    bwd_tol: float = 1e-4
-    bwd_max_iter: int = 200
-    stop_mode: str = "batch"
-    alpha: float = 1.0
+    bwd_tol: float = field(default=1e-4, metadata={"valid": "(0, 1)", "example": "1e-4"})
+    bwd_max_iter: int = field(default=200, metadata={"valid": "[1, inf)", "example": "200"})
+    stop_mode: str = field(default="batch", metadata={"choices": STOP_MODES, "example": "batch"})
+    alpha: float = field(default=1.0, metadata={"valid": "(0, inf)", "example": "1.0"})
     alpha_tuning: bool = True
-    bwd_bias: str = "prox"
+    bwd_bias: str = field(default="prox", metadata={"choices": BWD_BIAS, "example": "prox"})
 
     def __post_init__(self) -> None:
         for which in ("fwd", "bwd"):

@@ -14,7 +14,7 @@ import scipy.io
 import torch
 
 from pcdeq.datasets import DATASET_SPECS, get_spec
-from pcdeq.errors import DataNotFoundError
+from pcdeq.errors import DataError, DataNotFoundError
 from pcdeq.training.data import EquilibriumDataModule, _Source, dataset_summary
 
 # ---------------------------------------------------------------- writers of the real file formats
@@ -350,3 +350,101 @@ def test_epoch_shuffle_depends_only_on_seed_and_epoch() -> None:
     b.set_epoch(1)
     assert list(b) == second  # a fresh sampler (a resumed run) at epoch 1 gives epoch 1's order
     assert list(EpochShuffleSampler(50, seed=4)) != first
+
+
+# ---------------------------------------------------------------- damaged files: one message, file and fix
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def _damaged(tmp_path: Path, name: str, file: str, problem: str) -> DataError:
+    dm = EquilibriumDataModule(name, data_dir=str(tmp_path), download=False)
+    dm.prepare_data()  # the files are all there: nothing to download
+    with pytest.raises(DataError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert not isinstance(info.value, DataNotFoundError)
+    assert str(tmp_path / file) in message and problem in message, message
+    assert "delete it and download it again" in message and "Expected layout" in message
+    err = info.value
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)  # no chained traceback
+    return err
+
+
+@pytest.mark.parametrize(("file", "damage", "problem"), [
+    # the issue's case: torchvision said "shape '[60000, 28, 28]' is invalid for input of size 999984"
+    ("MNIST/raw/train-images-idx3-ubyte", lambda p: _truncate(p), "truncated: "),
+    ("MNIST/raw/t10k-labels-idx1-ubyte", lambda p: _truncate(p, 11), "truncated: 11 bytes, its header announces"),
+    ("MNIST/raw/train-labels-idx1-ubyte", lambda p: p.write_bytes(b""), "it is empty (0 bytes)"),
+    ("MNIST/raw/t10k-images-idx3-ubyte", lambda p: p.write_bytes(b"<html>not found</html>" * 50),
+     "not an IDX file of 3-d unsigned bytes"),
+    ("MNIST/raw/train-images-idx3-ubyte", lambda p: p.write_bytes(p.read_bytes() + b"\0" * 10),
+     "longer than its header says"),
+    ("MNIST/raw/train-labels-idx1-ubyte", lambda p: _write_idx(p, 2049, np.arange(19) % 10),
+     "19 labels for 20 images"),
+    ("MNIST/raw/t10k-images-idx3-ubyte", lambda p: _write_idx(p, 2051, np.zeros((10, 27, 28))),
+     "items of shape (27, 28), expected (28, 28)"),
+])
+def test_damaged_mnist(tmp_path: Path, file: str, damage, problem: str) -> None:
+    write_mnist(tmp_path)
+    damage(tmp_path / file)
+    _damaged(tmp_path, "mnist", file, problem)
+
+
+@pytest.mark.parametrize(("file", "damage", "problem"), [
+    ("cifar-10-batches-py/data_batch_3", lambda p: _truncate(p),
+     "it cannot be unpickled (UnpicklingError: pickle data was truncated)"),
+    ("cifar-10-batches-py/test_batch", lambda p: p.write_bytes(b""), "it is empty (0 bytes)"),
+    ("cifar-10-batches-py/batches.meta", lambda p: p.write_bytes(b"garbage, not a pickle"), "cannot be unpickled"),
+    ("cifar-10-batches-py/data_batch_5",
+     lambda p: p.write_bytes(pickle.dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]})),
+     "data of shape (4, 100) for 4 labels, expected (4, 3072)"),
+])
+def test_damaged_cifar10(tmp_path: Path, file: str, damage, problem: str) -> None:
+    write_cifar10(tmp_path)
+    damage(tmp_path / file)
+    _damaged(tmp_path, "cifar10", file, problem)
+
+
+@pytest.mark.parametrize(("file", "damage", "problem"), [
+    ("train_32x32.mat", lambda p: _truncate(p), "scipy.io.loadmat cannot read it"),
+    ("test_32x32.mat", lambda p: p.write_bytes(b""), "it is empty (0 bytes)"),
+    ("train_32x32.mat", lambda p: p.write_bytes(b"\x89PNG not a mat file" * 20), "scipy.io.loadmat cannot read it"),
+    ("test_32x32.mat", lambda p: scipy.io.savemat(p, {"y": np.ones((3, 1))}), "no 'X' or no 'y' variable"),
+])
+def test_damaged_svhn(tmp_path: Path, file: str, damage, problem: str) -> None:
+    write_svhn(tmp_path)
+    damage(tmp_path / file)
+    _damaged(tmp_path, "svhn", file, problem)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "svhn"])
+def test_data_dir_that_is_a_file(tmp_path: Path, name: str) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("not a directory")
+    for download in (False, True):
+        dm = EquilibriumDataModule(name, data_dir=str(data_dir), download=download)
+        with pytest.raises(DataError, match=rf"the data directory {data_dir} is a file, not a directory; fix: "
+                                            r"point paths.data_dir=\.\.\."):
+            dm.prepare_data()
+
+
+def test_downloads_are_checksummed(tmp_path: Path, monkeypatch) -> None:
+    # torchvision compares the md5 of each download with the official file's: a corrupted download is refused,
+    # and the damaged file it leaves is then named on the next run.
+    import torchvision.datasets.utils as tv_utils
+
+    def junk(url: str, path: str, *args, **kwargs) -> None:
+        Path(path).write_bytes(b"a corrupted download")
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", junk)
+    dm = EquilibriumDataModule("svhn", data_dir=str(tmp_path), download=True)
+    with pytest.raises(DataNotFoundError, match="download failed: RuntimeError: File not found or corrupted"):
+        dm.prepare_data()
+    write_svhn(tmp_path / "other")
+    (tmp_path / "test_32x32.mat").write_bytes((tmp_path / "other" / "test_32x32.mat").read_bytes())
+    _damaged(tmp_path, "svhn", "train_32x32.mat", "scipy.io.loadmat cannot read it")

@@ -32,6 +32,7 @@ def test_fast_dev_run_of_every_model(model: str, tmp_path: Path) -> None:
     assert changed  # one optimizer step was taken
     if model.startswith("pcdeq"):
         assert "train/cw_bound_max" in fit_metrics  # the certificate is computed on batch 0
+        assert fit_metrics["train/cw_uncertified"] == 0.0 and fit_metrics["train/cw_bound_max"] < 1
         projected = [p for n, p in run.module.net.named_parameters() if n.endswith((".g", ".v"))]
         assert projected and all(float(p.detach().min()) >= 0 for p in projected)
 
@@ -52,3 +53,25 @@ def test_epoch_aggregate_matches_hand_computation() -> None:
         assert mean.compute() == {}
     with pytest.raises(KeyError):
         mean.update({"c": 1.0})
+
+
+def test_third_party_messages_are_silenced_exactly(caplog) -> None:
+    import logging
+    import warnings
+
+    from pcdeq.training.quiet import silence_third_party
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_third_party()
+        warnings.warn("Total length of `list` across ranks is zero. Please make sure this was your intention.",
+                      UserWarning, stacklevel=1)
+        warnings.warn("Total length of `DataLoader` across ranks is zero. Please make sure this was your intention.",
+                      UserWarning, stacklevel=1)  # a real empty loader: kept
+    assert [str(w.message).split("`")[1] for w in seen] == ["DataLoader"]
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        lightning_log.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+                           "(https://pypi.org/project/litlogger/) to enable LitLogger.")
+        lightning_log.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]

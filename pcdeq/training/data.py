@@ -2,12 +2,21 @@
 
 A small table (``_SOURCES``) maps each name to the files it needs on disk and a function that loads its train
 or test split; the static facts (shape, classes, normalisation) come from :mod:`pcdeq.datasets`.
+
+Files are read by torchvision's own loaders. A file that is empty, truncated or damaged is named in one
+:class:`~pcdeq.errors.DataError` with the fix, instead of the loader's traceback: MNIST's IDX headers are checked
+against the file sizes before reading (magic, dimensions, 28x28 images, as many labels as images); a CIFAR-10
+pickle or an SVHN ``.mat`` file that torchvision cannot read is found by checking each file of the split in
+turn. Downloads are checksummed by torchvision (the md5 of each archive or ``.mat`` file).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
+import pickle
+import struct
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import cast
@@ -18,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
 from pcdeq.datasets import get_spec
-from pcdeq.errors import DataNotFoundError
+from pcdeq.errors import ConfigError, DataError, DataNotFoundError
 
 
 def _len(dataset: Dataset) -> int:
@@ -108,17 +117,139 @@ def _load_digits(root: str, train: bool, download: bool, transform: Callable | N
     return _TensorImages(images, torch.from_numpy(y).long(), transform)
 
 
+# ---------------------------------------------------------------- damaged files
+
+_LAYOUT = {
+    "mnist": "<data_dir>/MNIST/raw/{train,t10k}-images-idx3-ubyte and {train,t10k}-labels-idx1-ubyte (uncompressed)",
+    "cifar10": "<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the python version)",
+    "svhn": "<data_dir>/train_32x32.mat and test_32x32.mat (the cropped-digits format)",
+}
+
+
+def _damaged(dataset: str, path: str, problem: str) -> DataError:
+    return DataError(f"{dataset} file {os.path.abspath(path)} is damaged: {problem}; fix: delete it and download "
+                     "it again (dataset.download=true, online; torchvision checks its md5), or copy an intact one "
+                     f"there. Expected layout: {_LAYOUT[dataset]}")
+
+
+def _check_size(dataset: str, path: str) -> int:
+    size = os.path.getsize(path)
+    if size == 0:
+        raise _damaged(dataset, path, "it is empty (0 bytes)")
+    return size
+
+
+def check_idx(path: str, ndim: int, item_shape: tuple[int, ...] = ()) -> int:
+    """Check an IDX file of unsigned bytes (MNIST) against its header; return the number of items.
+
+    Raises:
+        DataError: empty, not an IDX file of ``ndim`` dimensions, items of another shape, or a size that differs
+            from the header's (truncated, or bytes appended).
+    """
+    size = _check_size("mnist", path)
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim or header[:2] != b"\0\0" or header[2] != 0x08 or header[3] != ndim:
+        raise _damaged("mnist", path, f"not an IDX file of {ndim}-d unsigned bytes (it starts with "
+                       f"{header[:4].hex() or 'nothing'}, expected 0000080{ndim})")
+    dims = struct.unpack(f">{ndim}I", header[4:])
+    if item_shape and tuple(dims[1:]) != item_shape:
+        raise _damaged("mnist", path, f"items of shape {tuple(dims[1:])}, expected {item_shape}")
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise _damaged("mnist", path, f"{what}: {size} bytes, its header announces {dims[0]} items = {expected} "
+                       "bytes")
+    return dims[0]
+
+
+def _cifar_problem(path: str, meta: bool) -> str | None:
+    """What is wrong with one CIFAR-10 python pickle, or None."""
+    if os.path.getsize(path) == 0:
+        return "it is empty (0 bytes)"
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as e:  # any unpickling failure: truncation raises EOFError, garbage UnpicklingError, ...
+        return f"it cannot be unpickled ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(entry, dict):
+        return f"it holds a {type(entry).__name__}, not a dict"
+    if meta:
+        return None if len(entry.get("label_names", ())) == 10 else "no list of 10 label_names"
+    data, labels = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+    if data is None or labels is None:
+        return "no 'data' or no 'labels' entry"
+    if getattr(data, "ndim", 0) != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
+        return f"data of shape {getattr(data, 'shape', '?')} for {len(labels)} labels, expected ({len(labels)}, 3072)"
+    return None
+
+
+def _svhn_problem(path: str) -> str | None:
+    """What is wrong with one SVHN .mat file, or None."""
+    import scipy.io
+
+    if os.path.getsize(path) == 0:
+        return "it is empty (0 bytes)"
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises ValueError, MatReadError, TypeError, zlib errors... for damaged files
+        return f"scipy.io.loadmat cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None:
+        return "no 'X' or no 'y' variable"
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != y.size:
+        return f"X of shape {x.shape} for {y.size} labels, expected (32, 32, 3, {y.size})"
+    return None
+
+
+def _load_checked(dataset: str, root: str, files: list[tuple[str, Callable[[str], str | None]]],
+                  load: Callable[[], Dataset]) -> Dataset:
+    """Run torchvision's ``load``; if it fails, name the damaged file among ``files`` (path, check)."""
+    for name, _ in files:
+        _check_size(dataset, os.path.join(root, name))
+    try:
+        return load()
+    except Exception as err:  # torchvision's own error for a damaged file: find which file and say how to fix it
+        for name, check in files:
+            problem = check(os.path.join(root, name))
+            if problem:
+                raise _damaged(dataset, os.path.join(root, name), problem) from None
+        summary = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{dataset} files in {os.path.abspath(root)} cannot be read ({type(err).__name__}: "
+                        f"{summary}); fix: delete them and download again (dataset.download=true), or replace "
+                        f"them. Expected layout: {_LAYOUT[dataset]}") from None
+
+
+# ---------------------------------------------------------------- loaders
+
+
 def _load_mnist(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
+    if not download:  # a download writes the files first; check them before torchvision reads them
+        prefix = os.path.join(root, "MNIST", "raw", "train" if train else "t10k")
+        n_images = check_idx(f"{prefix}-images-idx3-ubyte", 3, (28, 28))
+        n_labels = check_idx(f"{prefix}-labels-idx1-ubyte", 1)
+        if n_images != n_labels:
+            raise _damaged("mnist", f"{prefix}-labels-idx1-ubyte", f"{n_labels} labels for {n_images} images")
     return datasets.MNIST(root, train=train, download=download, transform=transform)
 
 
 def _load_svhn(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
     # the "extra" split is deliberately unused: training reads the "train" split only
-    return _SVHNFiles(root, split="train" if train else "test", download=download, transform=transform)
+    split = "train" if train else "test"
+    if download:
+        return _SVHNFiles(root, split=split, download=True, transform=transform)
+    return _load_checked("svhn", root, [(f"{split}_32x32.mat", _svhn_problem)],
+                         lambda: _SVHNFiles(root, split=split, download=False, transform=transform))
 
 
 def _load_cifar10(root: str, train: bool, download: bool, transform: Callable | None) -> Dataset:
-    return _CIFAR10Files(root, train=train, download=download, transform=transform)
+    if download:
+        return _CIFAR10Files(root, train=train, download=True, transform=transform)
+    names = [name for name, _ in (_CIFAR10Files.train_list if train else _CIFAR10Files.test_list)]
+    files = [(f"cifar-10-batches-py/{n}", lambda p: _cifar_problem(p, meta=False)) for n in names]
+    files.append(("cifar-10-batches-py/batches.meta", lambda p: _cifar_problem(p, meta=True)))
+    return _load_checked("cifar10", root, files,
+                         lambda: _CIFAR10Files(root, train=train, download=False, transform=transform))
 
 
 @dataclass(frozen=True)
@@ -229,6 +360,17 @@ class EquilibriumDataModule(L.LightningDataModule):
             return []
         return [f for f in self._source.files if not os.path.isfile(os.path.join(self.data_dir, f))]
 
+    def _check_data_dir(self) -> None:
+        """The data directory, if it exists, is a directory (not a file)."""
+        if self.synthetic or not self._source.files:
+            return
+        path = os.path.abspath(self.data_dir)
+        if os.path.exists(path) and not os.path.isdir(path):
+            first = self._source.files[0]
+            raise DataError(f"the data directory {path} is a file, not a directory; fix: point paths.data_dir=... "
+                            f"(or PCDEQ_DATA_DIR) at the directory that holds {first} and the other {self.name} "
+                            "files, or move that file away")
+
     def _not_found(self, reason: str) -> DataNotFoundError:
         missing = self.missing_files()
         return DataNotFoundError(
@@ -245,6 +387,7 @@ class EquilibriumDataModule(L.LightningDataModule):
         Raises:
             DataNotFoundError: files are missing and downloading is off or fails.
         """
+        self._check_data_dir()
         if not self.missing_files():
             return
         if not self.download:
@@ -292,6 +435,7 @@ class EquilibriumDataModule(L.LightningDataModule):
         transform = self._transform(train)
         if self.synthetic:
             return self._synthetic(train, transform)
+        self._check_data_dir()
         if self.missing_files():
             raise self._not_found("call prepare_data() with download=True to fetch them")
         return self._source.load(self.data_dir, train, False, transform)
@@ -301,7 +445,7 @@ class EquilibriumDataModule(L.LightningDataModule):
             return full, None
         n = _len(full)
         if self.val_size >= n:
-            raise ValueError(
+            raise ConfigError(
                 f"val_size={self.val_size} leaves no training data ({self.name} has {n} training samples)"
             )
         generator = torch.Generator().manual_seed(self.seed)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq.family import CERTIFICATE_KEYS
+from pcdeq.training.checkpoint import CHECKPOINT_VERSION, VERSION_KEY
 from pcdeq.training.config import net_from_config
 from pcdeq.training.metrics import EpochAggregate
 from pcdeq.training.optim import build_optimizer, build_scheduler
@@ -133,7 +134,9 @@ class EquilibriumModule(L.LightningModule):
         if self.certificate_every and batch_idx % self.certificate_every == 0:
             # Here, before the optimizer step, the weights are the ones that produced the fixed points.
             cert = self.net.certificate()
-            self._aggregate("train", "max").update({f"train/{k}": v for k, v in cert.items()})
+            for reduce in {CERTIFICATE_KEYS[k] for k in cert}:  # each figure by its epoch reduction
+                self._aggregate("train", reduce).update(
+                    {f"train/{k}": v for k, v in cert.items() if CERTIFICATE_KEYS[k] == reduce})
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -189,6 +192,18 @@ class EquilibriumModule(L.LightningModule):
                 parts.append(f"{key} " + fmt.format(float(m[key])))
         parts.append(f"{self.epoch_times[-1]:.1f} s")
         log.info(" | ".join(parts))
+        # the warnings that matter: one line each per epoch, with the setting to change
+        failed = {tag: int(float(m[f"train/{tag}_not_converged"])) for tag in ("fwd", "bwd")
+                  if float(m.get(f"train/{tag}_not_converged", 0.0)) > 0}
+        if failed:
+            counts = " and ".join(f"{n} {'forward' if tag == 'fwd' else 'backward'}" for tag, n in failed.items())
+            log.warning(f"epoch {self.current_epoch}: {counts} samples stopped at the iteration cap before the "
+                        "tolerance; raise solver." + "/".join(f"{t}_max_iter" for t in failed) + " or relax "
+                        "solver." + "/".join(f"{t}_tol" for t in failed))
+        uncertified = float(m.get("train/cw_uncertified", 0.0))
+        if uncertified > 0:
+            log.warning(f"epoch {self.current_epoch}: the convergence certificate did not certify {uncertified:.0f} "
+                        "checked batches (Collatz-Wielandt bound >= 1): see train/cw_bound_max")
 
     # ---- evaluation ----
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -203,6 +218,10 @@ class EquilibriumModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the format version: a pcdeq older than the checkpoint refuses it with one message (pcdeq.training.checkpoint)
+        checkpoint[VERSION_KEY] = CHECKPOINT_VERSION
 
     # ---- optimisation ----
     def configure_optimizers(self):

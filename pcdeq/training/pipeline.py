@@ -36,11 +36,15 @@ from omegaconf.errors import OmegaConfBaseException
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
+from pcdeq.training.checkpoint import load_module, resumable_checkpoint, resume_from, trainer_plugins
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.module import EquilibriumModule
+from pcdeq.training.quiet import silence_third_party
+from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 
 log = logging.getLogger("pcdeq")
+silence_third_party()  # advertising and deprecations from inside libraries, by exact message
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -120,7 +124,8 @@ def make_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.T
     tcfg = OmegaConf.to_container(trainer_cfg, resolve=True)
     assert isinstance(tcfg, dict)
     bar = _progress_bar(tcfg.pop("enable_progress_bar", None))
-    return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, enable_progress_bar=bar)
+    plugins = {} if "plugins" in tcfg else {"plugins": trainer_plugins()}  # atomic checkpoint writes
+    return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, enable_progress_bar=bar, **plugins)
 
 
 def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict:
@@ -222,7 +227,7 @@ def fit_and_test(run: Run) -> tuple[str, dict[str, float], dict[str, float], flo
     except BaseException as e:
         # A kill or preemption (SIGTERM, Ctrl-C) is "interrupted", anything else "failed"; either way the run
         # directory says what happened before the exception propagates.
-        status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt)) else "failed"
+        status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt, SystemExit)) else "failed"
         if trainer.is_global_zero and run.run_dir.is_dir():
             write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
                                                          "status": status, "error": repr(e),
@@ -260,25 +265,19 @@ def run_results(run: Run, status: str, fit_metrics: dict, test_metrics: dict, tr
 
 
 def _reuse_run_dir(config: dict, run_dir: Path, key: str) -> dict | None:
-    """Apply ``skip_if_done`` and ``auto_resume``: the finished results to return, or None to train.
+    """Apply ``skip_if_done``, ``auto_resume`` and a Slurm requeue: the finished results to return, or None.
 
-    ``auto_resume`` continues an interrupted or failed run from ``<run dir>/checkpoints/last.ckpt``; a diverged
-    run starts afresh (resuming would continue from the weights that diverged).
+    An interrupted run (``auto_resume``) or a requeued submitit job continues from its own last checkpoint
+    (see :func:`pcdeq.training.checkpoint.resumable_checkpoint`; ``config["ckpt_path"]`` is set).
     """
     if config.get("skip_if_done"):
         done = completed_run(run_dir, key)
         if done is not None:
             log.info("already completed, skipped (skip_if_done): %s", run_dir / "results.json")
             return done
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if config.get("auto_resume") and not config.get("ckpt_path") and last.is_file():
-        try:
-            previous = read_results(run_dir / "results.json").get("status")
-        except (OSError, ValueError):
-            previous = None  # killed before it could write any: resume
-        if previous != "diverged":
-            config["ckpt_path"] = str(last)
-            log.info("resuming from %s (auto_resume; previous status %s)", last, previous or "unknown")
+    last = resumable_checkpoint(config)
+    if last is not None:
+        resume_from(config, last)
     return None
 
 
@@ -294,6 +293,7 @@ def train(cfg: DictConfig) -> dict:
     """
     started = _now()
     config = resolve_config(cfg)
+    validate_train(config, hydra_overrides())  # every value, before any data is read or any file written
     run_dir = Path(config["paths"]["output_dir"])
     key = run_key(config.get("experiment_name"), _overrides())
     done = _reuse_run_dir(config, run_dir, key)
@@ -348,13 +348,14 @@ def evaluate(cfg: DictConfig) -> dict:
     inference: ``python eval.py ckpt_path=... solver.fwd_tol=1e-2``); ``data_dir``, ``synthetic``, ``batch_size``,
     ``download`` and ``num_workers`` replace the checkpoint's dataset settings.
     """
+    validate_eval(resolve_config(cfg))
     ckpt = Path(str(cfg.ckpt_path))
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
     started = _now()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    module = EquilibriumModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = load_module(ckpt)  # safe load; a damaged, newer or mismatched checkpoint is one message
     config = dict(module.hparams["config"])
     solver_overrides = _solver_overrides(cfg)
     if solver_overrides:  # the same weights under other solver settings

@@ -5,6 +5,12 @@ The YAML files under ``conf/`` start from these schemas (``defaults: [schema, _s
 before anything runs. The schemas of the ``model`` group are built from each registered family's options
 dataclass (:attr:`pcdeq.family.Family.options`); the ``solver`` group uses :class:`pcdeq.solvers.SolverConfig`
 itself, the one shape of solver settings.
+
+The valid range of every numeric key (and the names of every choice key) is declared beside its field,
+``field(default=..., metadata=valid("(0, inf)", "5e-4"))``; :mod:`pcdeq.training.validate` reads these
+declarations and checks a run's values before anything runs. The ``trainer`` group is Lightning's Trainer
+(about fifty arguments, so it has no schema and takes any of them); :class:`TrainerKeys` declares the ranges of
+the ones this project uses, and is used only for that check.
 """
 
 from __future__ import annotations
@@ -18,6 +24,26 @@ from omegaconf import MISSING
 
 from pcdeq.family import FAMILIES, Family
 from pcdeq.solvers import SolverConfig
+from pcdeq.training.optim import OPTIMIZERS, SCHEDULES
+
+UINT32_MAX = 2**32 - 1  # seeds are 32-bit
+
+
+def valid(interval: str = "", example: str = "", *, choices: tuple[str, ...] = (), special: tuple[Any, ...] = (),
+          fraction: str = "", length: int | None = None) -> dict[str, Any]:
+    """Field metadata declaring a key's valid values (read by :mod:`pcdeq.training.validate`).
+
+    Args:
+        interval: the valid numbers, e.g. "(0, inf)", "[1, inf)", "[0, 1)"; for a list, each element's.
+        example: a valid value, shown in the message of a bad one.
+        choices: the valid names of a string key.
+        special: values accepted besides the interval (e.g. -1, "no limit").
+        fraction: for keys that take an integer count or a float fraction (limit_*_batches), the fraction's
+            interval; the integer interval is ``interval``.
+        length: the required length of a list.
+    """
+    return {"valid": interval, "example": example, "choices": tuple(choices), "special": tuple(special),
+            "fraction": fraction, "length": length}
 
 
 @dataclass
@@ -38,11 +64,15 @@ class DatasetConfig:
     data_dir: str = "${paths.data_dir}"
     download: bool = True         # torchvision downloads when online; off: missing files give one clear error
     synthetic: bool = False       # random tensors of the dataset's shape (smoke runs, throughput); never silent
-    synthetic_size: list[int] = field(default_factory=lambda: [1024, 256])  # (train, test)
-    val_size: int = 0             # > 0 holds out a validation split (fixed generator) for model selection
-    num_workers: int = 0          # in-memory data: workers only compete with the solver for CPU; try 4+ on GPU
-    batch_size: int = 64          # training batch (the protocol sets it)
-    eval_batch_size: int | None = None  # validation/test batch; null: batch_size
+    synthetic_size: list[int] = field(default_factory=lambda: [1024, 256],  # (train, test)
+                                      metadata=valid("[1, inf)", "[1024,256]", length=2))
+    # > 0 holds out a validation split (fixed generator) for model selection
+    val_size: int = field(default=0, metadata=valid("[0, inf)", "5000"))
+    # in-memory data: workers only compete with the solver for CPU; try 4+ on GPU
+    num_workers: int = field(default=0, metadata=valid("[0, inf)", "4"))
+    batch_size: int = field(default=64, metadata=valid("[1, inf)", "64"))  # training batch (the protocol sets it)
+    # validation/test batch; null: batch_size
+    eval_batch_size: int | None = field(default=None, metadata=valid("[1, inf)", "256"))
     pin_memory: bool = False      # DataLoader pin_memory (GPU runs)
     normalize: bool = True        # Normalize(mean, std) after scaling to [0, 1] (the protocol sets it)
 
@@ -51,24 +81,28 @@ class DatasetConfig:
 class SchedulerConfig:
     """A learning-rate schedule (see :mod:`pcdeq.training.optim`); keys of other schedules are ignored."""
 
-    name: str = "constant"        # multistep | step | onecycle | constant
-    milestones: list[int] = field(default_factory=list)   # multistep: epochs of each x gamma
-    gamma: float = 0.1            # multistep, step
-    step_size: int | None = None  # step: x gamma every step_size epochs
-    max_lr: float | None = None   # onecycle: peak lr
-    up_epochs: int | None = None  # onecycle: epochs of the linear rise
-    down_epochs: int | None = None  # onecycle: epochs of the linear fall
-    beta1: list[float] = field(default_factory=lambda: [0.95, 0.85])  # onecycle: Adam beta1 at base / peak lr
+    name: str = field(default="constant", metadata=valid(example="multistep", choices=SCHEDULES))
+    # multistep: epochs of each x gamma (increasing, before the last epoch)
+    milestones: list[int] = field(default_factory=list, metadata=valid("[1, inf)", "[30]"))
+    gamma: float = field(default=0.1, metadata=valid("(0, 1]", "0.1"))  # multistep, step
+    step_size: int | None = field(default=None, metadata=valid("[1, inf)", "10"))  # step: x gamma every n epochs
+    max_lr: float | None = field(default=None, metadata=valid("(0, inf)", "1e-2"))  # onecycle: peak lr
+    up_epochs: int | None = field(default=None, metadata=valid("[1, inf)", "30"))  # onecycle: epochs of the rise
+    down_epochs: int | None = field(default=None, metadata=valid("[1, inf)", "30"))  # onecycle: epochs of the fall
+    # onecycle: Adam beta1 at base / peak lr
+    beta1: list[float] = field(default_factory=lambda: [0.95, 0.85],
+                               metadata=valid("[0, 1)", "[0.95,0.85]", length=2))
 
 
 @dataclass
 class OptimConfig:
     """The ``optim`` group: optimiser and schedule."""
 
-    name: str = MISSING           # adamw | adam | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    name: str = field(default=MISSING, metadata=valid(example="adamw", choices=tuple(OPTIMIZERS)))
+    lr: float = field(default=1e-3, metadata=valid("(0, inf)", "5e-4"))
+    weight_decay: float = field(default=0.0, metadata=valid("[0, inf)", "1e-2"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999],  # adam, adamw
+                               metadata=valid("[0, 1)", "[0.9,0.999]", length=2))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -90,11 +124,11 @@ class TrainConfig:
     task_name: str = "train"
     experiment_name: str = "${model.name}_${dataset.name}"
     tags: list[str] = field(default_factory=list)
-    seed: int = 0
+    seed: int = field(default=0, metadata=valid(f"[0, {UINT32_MAX}]", "0"))
     ckpt_path: str | None = None
     test_every_epoch: bool = True
-    num_threads: int | None = None
-    certificate_every_n_steps: int = 20
+    num_threads: int | None = field(default=None, metadata=valid("[1, inf)", "1"))
+    certificate_every_n_steps: int = field(default=20, metadata=valid("[0, inf)", "20"))  # 0: never
     skip_if_done: bool = False    # reproduction runs: do not train again what already completed (same run_key)
     auto_resume: bool = False     # reproduction runs: resume an interrupted run from its last.ckpt
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -125,12 +159,34 @@ class EvalConfig:
     solver: Any = field(default_factory=SolverOverrides)  # e.g. solver.fwd_tol=1e-2: evaluate at another tolerance
     data_dir: str | None = None   # optional overrides of the checkpoint's dataset settings (null keeps them)
     synthetic: bool | None = None
-    batch_size: int | None = None
+    batch_size: int | None = field(default=None, metadata=valid("[1, inf)", "256"))
     download: bool | None = None
-    num_workers: int | None = None
-    num_threads: int | None = None  # torch.set_num_threads(n); null keeps torch's default
+    num_workers: int | None = field(default=None, metadata=valid("[0, inf)", "4"))
+    num_threads: int | None = field(default=None, metadata=valid("[1, inf)", "1"))  # null: torch's default
     paths: Any = MISSING
     trainer: Any = MISSING
+
+
+@dataclass
+class TrainerKeys:
+    """Ranges of the Lightning Trainer arguments this project sets (checked only; other arguments pass through).
+
+    Not registered as a schema: the ``trainer`` group accepts any Trainer argument (``+trainer.<name>=...``).
+    """
+
+    max_epochs: int = field(default=40, metadata=valid("[1, inf)", "40"))
+    max_steps: int = field(default=-1, metadata=valid("[1, inf)", "1000", special=(-1,)))  # -1: no limit
+    # null: all batches; an integer: that many batches; a float: that fraction of them
+    limit_train_batches: int | float | None = field(default=None, metadata=valid("[1, inf)", "10", fraction="(0, 1]"))
+    limit_val_batches: int | float | None = field(default=None, metadata=valid("[0, inf)", "10", fraction="[0, 1]"))
+    limit_test_batches: int | float | None = field(default=None, metadata=valid("[0, inf)", "10", fraction="[0, 1]"))
+    devices: Any = field(default=1, metadata=valid("[1, inf)", "1", special=(-1,)))  # -1: all; also "auto", [0,1]
+    accumulate_grad_batches: int = field(default=1, metadata=valid("[1, inf)", "1"))
+    check_val_every_n_epoch: int | None = field(default=1, metadata=valid("[1, inf)", "1"))
+    log_every_n_steps: int = field(default=1, metadata=valid("[1, inf)", "1"))
+    gradient_clip_val: float | None = field(default=None, metadata=valid("[0, inf)", "1.0"))  # 0: no clipping
+    num_sanity_val_steps: int = field(default=0, metadata=valid("[0, inf)", "2", special=(-1,)))  # -1: all
+    fast_dev_run: bool | int = field(default=False, metadata=valid("[0, inf)", "true"))  # true or a batch count
 
 
 def model_schema(family: Family) -> type:
