@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pcdeq.results import atomic_write_json, read_results, write_results
+from pcdeq.results import SCHEMA_VERSION, atomic_write_json, read_results, write_results
 from pcdeq.training.config import net_from_config
 from pcdeq.training.optim import OneCycle, build_optimizer, build_scheduler
 from tests.test_config import compose_train, resolved
@@ -105,7 +105,7 @@ def test_results_json_is_written_atomically_and_validated(tmp_path) -> None:
     path = tmp_path / "run" / "results.json"
     write_results(path, {"status": "completed", "test/acc": 0.9, "fwd_iters": torch.tensor(4.5), "nan": math.nan})
     data = read_results(path)
-    assert data["schema_version"] == 1 and data["fwd_iters"] == 4.5 and data["nan"] is None
+    assert data["schema_version"] == SCHEMA_VERSION == 2 and data["fwd_iters"] == 4.5 and data["nan"] is None
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left behind
     with pytest.raises(ValueError, match="status must be one of"):
         write_results(path, {"status": "done"})
