@@ -15,7 +15,7 @@ import torch
 
 from pcdeq.datasets import DATASET_SPECS, get_spec
 from pcdeq.errors import DataError, DataNotFoundError
-from pcdeq.training.data import EquilibriumDataModule, _Source, dataset_summary
+from pcdeq.training.data import _SOURCES, EquilibriumDataModule, _Source, dataset_summary
 
 # ---------------------------------------------------------------- writers of the real file formats
 
@@ -162,7 +162,7 @@ def test_cifar10_aug_augments_train_only(tmp_path: Path) -> None:
     dm = make_dm("cifar10_aug", tmp_path, normalize=False)
     names = [type(t).__name__ for t in dm.train_set.transform.transforms]
     assert "RandomCrop" in names and "RandomHorizontalFlip" in names
-    assert not any("Random" in type(t).__name__ for t in dm.test_set.transform.transforms)
+    assert dm.test_set.transform is None  # the test split: plain pixels, no per-image randomness
     assert any(not torch.equal(dm.train_set[i][0], dm.train_set[i][0]) for i in range(len(dm.train_set)))
     assert all(torch.equal(dm.test_set[i][0], dm.test_set[i][0]) for i in range(len(dm.test_set)))
     plain = make_dm("cifar10", tmp_path, normalize=False)
@@ -448,3 +448,22 @@ def test_downloads_are_checksummed(tmp_path: Path, monkeypatch) -> None:
     write_svhn(tmp_path / "other")
     (tmp_path / "test_32x32.mat").write_bytes((tmp_path / "other" / "test_32x32.mat").read_bytes())
     _damaged(tmp_path, "svhn", "train_32x32.mat", "scipy.io.loadmat cannot read it")
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "svhn", "digits"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_whole_batches_equal_torchvisions_per_image_transforms(tmp_path: Path, name: str, normalize: bool) -> None:
+    # The oracle: torchvision's own per-image path (PIL -> ToTensor -> Normalize), bit for bit.
+    from torchvision import transforms as T
+
+    {"mnist": write_mnist, "cifar10": write_cifar10, "svhn": write_svhn}.get(name, lambda p: None)(tmp_path)
+    dm = make_dm(name, tmp_path, normalize=normalize)
+    spec = get_spec(name)
+    steps = ([T.ToTensor()] if name != "digits" else []) + ([T.Normalize(spec.mean, spec.std)] if normalize else [])
+    source = _SOURCES[name].load(str(tmp_path), True, False, T.Compose(steps) if steps else None)
+    loader = dm.train_dataloader()
+    order = list(loader.sampler)
+    x, y = next(iter(loader))
+    expected = torch.stack([source[i][0] for i in order[: len(y)]])
+    assert torch.equal(x, expected) and x.dtype == torch.float32
+    assert y.tolist() == [source[i][1] for i in order[: len(y)]] and y.dtype == torch.int64
