@@ -272,6 +272,8 @@ def write_report(index: RunIndex, tables: list[Table], root: Path, out: Path, co
             lines.append(f"| {status} | `{rel}` | {' '.join(detail.split())[:200]} |")
     else:
         lines.append("None: every run found completed.")
+    if index.superseded:
+        lines += ["", f"Superseded attempts (their run completed in another directory): {len(index.superseded)}."]
     lines += ["", "## Rows with fewer runs than their spec asks", ""]
     short = [f"- {t.spec.name}: {r.label}" + (f" (tolerance {r.cells.get('tolerance')})" if "tolerance" in r.cells
                                               else "") + f": {_marks(t, r)}"

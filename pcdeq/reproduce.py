@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import math
 import subprocess
@@ -280,19 +281,32 @@ class RunIndex:
     completed: dict[str, dict] = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
     problems: list[tuple[Path, str, str]] = field(default_factory=list)  # (dir, status, detail)
+    superseded: list[tuple[Path, str, str]] = field(default_factory=list)  # problems whose run completed elsewhere
+
+
+def _launch_key(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "launch.json").read_text()).get("run_key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def index_runs(root: Path) -> RunIndex:
-    """Read every run directory under ``root`` (never fails on a bad file: it is listed as a problem)."""
+    """Read every run directory under ``root`` (never fails on a bad file: it is listed as a problem).
+
+    A failed, interrupted or partial attempt of a run that completed in another directory (an earlier layout,
+    a copy) is kept apart as superseded, not reported as a problem.
+    """
     index = RunIndex()
     if not root.is_dir():
         return index
     dirs = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("launch.json")}
+    keyed: list[tuple[Path, str, str, str | None]] = []
     for d in sorted(dirs):
         try:
             res = read_results(d / "results.json")
         except FileNotFoundError:
-            index.problems.append((d, "partial", "launched, no results.json (still running, or killed)"))
+            keyed.append((d, "partial", "launched, no results.json (still running, or killed)", _launch_key(d)))
             continue
         except (OSError, ValueError) as e:
             index.problems.append((d, "unreadable", str(e)))
@@ -307,9 +321,12 @@ def index_runs(root: Path) -> RunIndex:
         if completed_run(d, key) is not None:
             index.completed[key] = res
         elif res.get("status") == "completed":
-            index.problems.append((d, "partial", "results.json older than the last launch, or moved"))
+            keyed.append((d, "partial", "results.json older than the last launch, or moved", key))
         else:
-            index.problems.append((d, str(res.get("status")), str(res.get("error") or "")))
+            keyed.append((d, str(res.get("status")), str(res.get("error") or ""), key))
+    for d, status, detail, attempt in keyed:
+        target = index.superseded if attempt is not None and attempt in index.completed else index.problems
+        target.append((d, status, detail))
     return index
 
 

@@ -236,3 +236,16 @@ def test_smoke_table_through_a_launcher_skip_and_resume(tmp_path: Path, launcher
         res = json.loads((d / "results.json").read_text())
         assert res["status"] == "completed" and res["test/acc"] == pytest.approx(done[d]["test/acc"])
     assert load_profile(str(profile)).root == tmp_path / "runs"
+
+
+def test_an_attempt_superseded_by_a_completed_run_is_not_a_problem(tmp_path: Path) -> None:
+    from pcdeq.reproduce import index_runs
+
+    done = _run(tmp_path, "pcdeq_linear_mnist", ["seed=0"], **{"test/acc": 0.9})
+    old = tmp_path / "pcdeq_linear_mnist" / "old-layout"
+    old.mkdir()
+    write_results(old / "results.json", {**json.loads((done / "results.json").read_text()), "status": "interrupted",
+                                         "run_dir": str(old)})
+    index = index_runs(tmp_path)
+    assert list(index.completed) == [run_key("pcdeq_linear_mnist", ["seed=0"])]
+    assert index.problems == [] and [d for d, _, _ in index.superseded] == [old]
