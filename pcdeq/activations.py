@@ -8,6 +8,10 @@ positive on the nonnegative orthant and inj(x) >= 0; each *variant* fixes the in
 
 Register another activation with :func:`register_activation`; it is checked numerically for monotonicity and
 concavity on [0, 20] unless ``check=False``.
+
+For the fast implicit backward each activation may also give sigma' as a function of its output y = sigma(p)
+(``deriv``: tanh 1 - y^2, sigmoid y (1 - y), softsign (1 - |y|)^2, relu6 1[0 < y < 6]) and an in-place version
+(``fn_``); without them the layer falls back to autograd at the pre-activation and to out-of-place calls.
 """
 
 from __future__ import annotations
@@ -32,11 +36,18 @@ INJECTIONS: dict[str, Callable[[Tensor], Tensor]] = {"pcdeq1": _softplus5, "pcde
 
 @dataclass(frozen=True)
 class Activation:
-    """A registered activation: its name, function and the pcDEQ variant it belongs to."""
+    """A registered activation: its name, function and the pcDEQ variant it belongs to.
+
+    Attributes:
+        deriv: sigma'(p) computed from the output y = sigma(p), or None (then autograd at p is used).
+        fn_: sigma applied in place (same values as ``fn``), or None.
+    """
 
     name: str
     fn: Callable[[Tensor], Tensor]
     variant: str
+    deriv: Callable[[Tensor], Tensor] | None = None
+    fn_: Callable[[Tensor], Tensor] | None = None
 
     @property
     def injection(self) -> Callable[[Tensor], Tensor]:
@@ -65,7 +76,22 @@ def _check_concave(name: str, fn: Callable[[Tensor], Tensor]) -> None:
         raise ValueError(f"activation {name!r} is not concave on [0, inf); pcDEQ needs a concave map")
 
 
-def register_activation(name: str, fn: Callable[[Tensor], Tensor], variant: str, check: bool = True) -> Activation:
+def _check_deriv(name: str, fn: Callable[[Tensor], Tensor], deriv: Callable[[Tensor], Tensor]) -> None:
+    """Reject a ``deriv`` that does not give autograd's sigma' from sigma's output on [-5, 5] (float64)."""
+    p = torch.linspace(-5.0, 5.0, 1001, dtype=torch.float64, requires_grad=True)
+    y = fn(p)
+    (expected,) = torch.autograd.grad(y.sum(), p)
+    if not torch.allclose(deriv(y.detach()), expected, rtol=1e-6, atol=1e-9):
+        raise ValueError(f"the derivative given for activation {name!r} does not match autograd's on [-5, 5]")
+
+
+def _softsign_(t: Tensor) -> Tensor:
+    return t.div_(t.abs().add_(1))  # the same operations as F.softsign: x / (|x| + 1)
+
+
+def register_activation(name: str, fn: Callable[[Tensor], Tensor], variant: str, check: bool = True,
+                        deriv: Callable[[Tensor], Tensor] | None = None,
+                        fn_: Callable[[Tensor], Tensor] | None = None) -> Activation:
     """Add an activation to the registry.
 
     Args:
@@ -74,6 +100,9 @@ def register_activation(name: str, fn: Callable[[Tensor], Tensor], variant: str,
         variant: "pcdeq1" (softplus(beta=5) injection) or "pcdeq2" (relu injection). With relu injection
             the pre-activation can be 0, so sigma(0) must be > 0 for positivity.
         check: verify monotonicity/concavity (and sigma(0) > 0 for pcdeq2) numerically.
+        deriv: optional sigma' as a function of sigma's output (the analytic backward); checked against autograd
+            when ``check``.
+        fn_: optional in-place version of ``fn``.
 
     Returns:
         The registered :class:`Activation`.
@@ -84,7 +113,9 @@ def register_activation(name: str, fn: Callable[[Tensor], Tensor], variant: str,
         _check_concave(name, fn)
         if variant == "pcdeq2" and not float(fn(torch.zeros((), dtype=torch.float64))) > 0:
             raise ValueError(f"activation {name!r} has sigma(0) <= 0; the pcdeq2 variant (relu injection) needs > 0")
-    act = Activation(name, fn, variant)
+        if deriv is not None:
+            _check_deriv(name, fn, deriv)
+    act = Activation(name, fn, variant, deriv, fn_)
     ACTIVATIONS[name] = act
     return act
 
@@ -107,7 +138,8 @@ def get_activation(name: str, variant: str | None = None) -> Activation:
     return act
 
 
-register_activation("tanh", torch.tanh, "pcdeq1")
-register_activation("softsign", F.softsign, "pcdeq1")
-register_activation("relu6", F.relu6, "pcdeq1")
-register_activation("sigmoid", torch.sigmoid, "pcdeq2")
+register_activation("tanh", torch.tanh, "pcdeq1", deriv=lambda y: 1 - y * y, fn_=torch.tanh_)
+register_activation("softsign", F.softsign, "pcdeq1", deriv=lambda y: (1 - y.abs()).square(), fn_=_softsign_)
+register_activation("relu6", F.relu6, "pcdeq1", deriv=lambda y: ((y > 0) & (y < 6)).to(y.dtype),
+                    fn_=lambda t: t.clamp_(0, 6))
+register_activation("sigmoid", torch.sigmoid, "pcdeq2", deriv=lambda y: y * (1 - y), fn_=torch.sigmoid_)

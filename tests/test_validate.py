@@ -90,7 +90,9 @@ def test_each_rule_accepts_its_example_and_rejects_bad_values(key: str) -> None:
     ("trainer.limit_train_batches=0", "valid: an integer >= 1 or a fraction in (0, 1]"),
     ("trainer.devices=0", "trainer.devices=0: out of range; valid: an integer >= 1 or -1"),
     ("trainer.gradient_clip_val=-1.0", "trainer.gradient_clip_val=-1.0: out of range"),
-    ("solver.fwd_tol=1e-4,0", "solver.fwd_tol=0: out of range; valid: a number in (0, 1), e.g. solver.fwd_tol=1e-4"),
+    ("solver.fwd_tol=1e-4,-0.5", "solver.fwd_tol=-0.5: out of range; valid: a number in [0, 1), "
+     "e.g. solver.fwd_tol=1e-4"),
+    ("solver.fwd_tol=1", "solver.fwd_tol=1: out of range; valid: a number in [0, 1)"),
     ("solver.bwd_max_iter=0", "solver.bwd_max_iter=0: out of range; valid: an integer >= 1"),
     ("solver.alpha=-1", "solver.alpha=-1: out of range"),
     ("solver.stop_mode=all", "solver.stop_mode=all: unknown choice; valid: one of sample, batch"),
