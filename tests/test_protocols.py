@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -99,6 +100,34 @@ def test_multistep_and_step_schedules() -> None:
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
         build_optimizer([p], {"name": "lamb", "lr": 1.0})
     assert isinstance(OneCycle(opt, 1.0, 1, 1), OneCycle)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_optimizer_makes_the_same_update(name: str) -> None:
+    torch.manual_seed(0)
+    start = torch.randn(50, 20)
+    params = {fused: torch.nn.Parameter(start.clone()) for fused in (True, False)}
+    opts = {fused: build_optimizer([p], {"name": name, "lr": 1e-2, "weight_decay": 1e-2, "fused": fused})
+            for fused, p in params.items()}
+    assert opts[True].param_groups[0]["fused"] and not opts[False].param_groups[0]["fused"]
+    for step in range(5):
+        grad = torch.randn(50, 20, generator=torch.Generator().manual_seed(step))
+        for fused, p in params.items():
+            p.grad = grad.clone()
+            opts[fused].step()
+    assert not torch.equal(params[True], start)
+    torch.testing.assert_close(params[True], params[False], rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_trainer_drops_lightnings_nvml_check(monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    from pcdeq.training.pipeline import make_trainer
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    make_trainer(OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1,
+                                   "logger": False, "enable_checkpointing": False}), [], [])
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
 
 
 def test_results_json_is_written_atomically_and_validated(tmp_path) -> None:

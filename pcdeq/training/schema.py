@@ -103,6 +103,7 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata=valid("[0, inf)", "1e-2"))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999],  # adam, adamw
                                metadata=valid("[0, 1)", "[0.9,0.999]", length=2))
+    fused: bool = True  # adam, adamw: the fused update (false: torch's per-tensor loop; same update up to rounding)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
