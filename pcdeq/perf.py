@@ -1,0 +1,45 @@
+"""The performance switches at their plain values: one list for the benchmark, the tests and the accuracy check.
+
+The defaults of :class:`pcdeq.solvers.SolverConfig`, of the pcDEQ model options and of the optimiser are the
+fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and weight gradients
+through a tracked application, a residual check after every iteration, out-of-place iterations, no cached W, one
+more application as the evaluation output, float32 throughout, contiguous (NCHW) convolutions and torch's
+per-tensor optimiser loop. The plain path is what the reference implementation does, so ``make bench`` reports
+each switch's effect against it, and ``scripts/check_switches.py`` trains both ways to show the accuracy does not
+move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pcdeq.solvers import SolverConfig
+
+PLAIN: dict[str, str | bool] = {
+    "solver.jacobian": "autograd",
+    "solver.weight_grad": "autograd",
+    "solver.check": "every",
+    "solver.inplace": False,
+    "solver.cache_weight": False,
+    "solver.eval_output": "apply",
+    "solver.precision": "off",
+    "solver.compile": False,
+    "model.channels_last": False,
+    "optim.fused": False,
+}
+
+
+def plain_overrides() -> list[str]:
+    """``PLAIN`` as command-line overrides for train.py (e.g. ``solver.check=every``)."""
+    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in PLAIN.items()]
+
+
+def plain_solver(solver: SolverConfig | None = None) -> SolverConfig:
+    """``solver`` (default: the defaults) with every solver switch at its plain value."""
+    keys = {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("solver.")}
+    return dataclasses.replace(solver or SolverConfig(), **keys)
+
+
+def plain_model_options() -> dict[str, str | bool]:
+    """The pcDEQ model options at their plain values (keyword arguments of :func:`pcdeq.models.build_model`)."""
+    return {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("model.")}
