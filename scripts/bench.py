@@ -143,9 +143,9 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
 
 
 def select_archs(spec: str) -> list[Arch]:
-    """Architectures from "all", a family name, or a comma-separated list of names."""
-    if spec == "all":
-        return list(ARCHS.values())
+    """Architectures from "all", "none" (e.g. for --memory alone), a family name, or a comma-separated list."""
+    if spec in ("all", "none"):
+        return list(ARCHS.values()) if spec == "all" else []
     if spec in ("pcdeq", "mondeq"):
         return [a for a in ARCHS.values() if a.family == spec]
     names = [s.strip() for s in spec.split(",") if s.strip()]
@@ -723,18 +723,35 @@ def bench_arch(arch: Arch, args: argparse.Namespace, device: torch.device,
 # ---------------------------------------------------------------- --memory
 
 
-def current_rss_bytes() -> int:
-    """The process's resident set size now (Linux /proc; elsewhere its peak so far)."""
+def proc_status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM"; Linux), None elsewhere."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
     except OSError:
-        return peak_rss_bytes()
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0; a no-op where not possible)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's peak RSS since :func:`reset_peak_rss`.
+
+    Not ``ru_maxrss`` where /proc has it: Linux carries ru_maxrss across execve, so a subprocess would start with
+    its parent's peak.
+    """
+    hwm = proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_point(arch: Arch, backward: str, iters: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -747,7 +764,8 @@ def memory_point(arch: Arch, backward: str, iters: int, args: argparse.Namespace
                        bwd_max_iter=iters).to(device)
     variant = our_variant(backward, model, setup)
     gc.collect()
-    rss_before = current_rss_bytes()
+    reset_peak_rss()
+    rss_before = proc_status_bytes("VmRSS") or peak_rss_bytes()
     instrumented_step(variant, device)
     variant.record_train()
     return {"backward": backward, "iters": iters, "fwd_iters": variant.train_iters["forward"],
@@ -782,7 +800,8 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
             series[backward].append(run_memory_point(arch, backward, n, args))
     return {"arch": arch.name, "iters": list(iters), **series,
             "measures": "saved_for_backward_mb: peak live bytes autograd saved (saved_tensors_hooks); "
-                        "peak_rss_growth_mb: process peak RSS minus RSS before the step (fresh process); "
+                        "peak_rss_growth_mb: peak RSS during the step (VmHWM, reset before it) minus RSS "
+                        "before it, in a fresh process; "
                         "peak_cuda_mb: torch.cuda.max_memory_allocated (CUDA only)"}
 
 
@@ -885,26 +904,33 @@ def iters_cell(fwd: Any, bwd: Any) -> str:
     return f"{fmt(fwd)}/{fmt(bwd)}"
 
 
-def report(results: dict[str, Any]) -> str:
-    """The printed tables."""
-    archs = results["archs"]
-    out = []
+def steps_table(archs: dict[str, Any], device: str) -> str:
+    """Times, iterations, throughput and memory of the default path."""
     rows = []
     for name, r in archs.items():
         b = r["variants"]["best"]
         mem = b["peak_cuda_mb"] if b.get("peak_cuda_mb") is not None else b["saved_for_backward_mb"]
         rows.append([name, r["batch"], r["repeats"], b["train_ms"], b["eval_ms"], iters_cell(b["fwd_iters"],
                      b["bwd_iters"]), b["eval_fwd_iters"], b["train_samples_per_s"], b["eval_samples_per_s"], mem])
-    mem_label = "peak MB" if results["meta"]["device"].startswith("cuda") else "saved MB"
-    out.append(table("Steps (default path; medians; iterations f/b of the training step, f of evaluation)",
-                     ["arch", "batch", "reps", "train ms", "eval ms", "iters f/b", "eval f", "train sps",
-                      "eval sps", mem_label], rows))
+    mem_label = "peak MB" if device.startswith("cuda") else "saved MB"
+    return table("Steps (default path; medians; iterations f/b of the training step, f of evaluation)",
+                 ["arch", "batch", "reps", "train ms", "eval ms", "iters f/b", "eval f", "train sps", "eval sps",
+                  mem_label], rows)
+
+
+def floor_table(archs: dict[str, Any]) -> str:
+    """Compute floors and the default path's step / floor ratios."""
     rows = [[name, r["floor"]["unit"], "+".join(fmt(u) for u in r["floor"]["unit_ms_per_block"]),
              r["floor"]["train_floor_ms"], r["floor"]["train_ratio"], r["floor"]["eval_floor_ms"],
              r["floor"]["eval_ratio"]] for name, r in archs.items()]
-    out.append(table("Compute floor = t_unit x (iterations + 1), summed over blocks",
-                     ["arch", "unit", "t_unit ms", "train floor ms", "train/floor", "eval floor ms", "eval/floor"],
-                     rows))
+    return table("Compute floor = t_unit x (iterations + 1), summed over blocks",
+                 ["arch", "unit", "t_unit ms", "train floor ms", "train/floor", "eval floor ms", "eval/floor"], rows)
+
+
+def report(results: dict[str, Any]) -> str:
+    """The printed tables."""
+    archs = results["archs"]
+    out = [steps_table(archs, results["meta"]["device"]), floor_table(archs)] if archs else []
     rows = [[name, r["variants"]["plain"]["train_ms"], r["variants"]["best"]["train_ms"], p["train_ratio"],
              p["train_ratio_paired"], r["variants"]["plain"]["eval_ms"], r["variants"]["best"]["eval_ms"],
              p["eval_ratio"], p["eval_ratio_paired"]]
@@ -933,7 +959,11 @@ def report(results: dict[str, Any]) -> str:
                  iters_cell(e["train_fwd_iters"], e["train_bwd_iters"])] for name, e in results["epoch"].items()]
         out.append(table("Lightning epoch (second of two) vs batches x bare step",
                          ["arch", "batches", "epoch s", "steps s", "in-batch s", "overhead %", "iters f/b"], rows))
-    notes = [f"{name}: {n}" for name, r in archs.items() for n in r["notes"]] + results.get("skipped", [])
+    grouped: dict[str, list[str]] = {}
+    for name, r in archs.items():
+        for note in r["notes"]:
+            grouped.setdefault(note, []).append(name)
+    notes = [f"{note}: {', '.join(names)}" for note, names in grouped.items()] + results.get("skipped", [])
     if notes:
         out.append("Notes\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "\n".join(out)
@@ -1003,7 +1033,7 @@ def meta(args: argparse.Namespace, argv: Sequence[str], device: torch.device) ->
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default="all", help="all, pcdeq, mondeq or comma-separated names: "
+    p.add_argument("--archs", default="all", help="all, none, pcdeq, mondeq or comma-separated names: "
                                                    + ", ".join(ARCHS))
     p.add_argument("--plain", action="store_true", help="also time pcDEQ with every switch at its plain value")
     p.add_argument("--reference", type=Path, help="checkout of the authors' pcDEQ code: time it beside ours")

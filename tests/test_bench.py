@@ -96,5 +96,7 @@ def test_memory_and_epoch(bench: ModuleType, tmp_path: Path) -> None:
     assert implicit[0] == pytest.approx(implicit[1])  # flat
     assert unrolled[1] > unrolled[0] > implicit[0]  # grows with the iterations
     assert [p["fwd_iters"] for p in mem["unrolled"]] == [[2], [4]]
+    # the step's own peak, not one inherited from the parent process (Linux keeps ru_maxrss across exec)
+    assert all(0 <= p["peak_rss_growth_mb"] < 500 for p in mem["implicit"] + mem["unrolled"])
     epoch = res["epoch"]["pcdeq_linear_mnist"]
     assert epoch["batches"] == 2 and epoch["epoch_s"] > 0 and epoch["steps_s"] > 0
