@@ -9,8 +9,9 @@ TABLES   ?= all
 PROFILE  ?= full
 TAG      ?=
 EXTRA    ?=
+BENCH_ARGS ?=
 
-.PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables
+.PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables bench
 
 help:
 	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
@@ -21,6 +22,8 @@ help:
 	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu] [EXTRA=trainer=gpu]"
 	@echo "                 train what the tables need (skipping what is done), then aggregate"
 	@echo "make tables [PROFILE=full|smoke]   aggregate the existing runs into tables and plots, no training"
+	@echo "make bench [BENCH_ARGS='--plain --reference PATH --memory --epoch --archs pcdeq --device cuda ...']"
+	@echo "                 step times of every paper architecture vs its compute floor; table + results/bench/bench.json"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +56,9 @@ reproduce-tables: $(STAMP)
 
 tables: $(STAMP)
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache
