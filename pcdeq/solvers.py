@@ -36,6 +36,7 @@ after the bfloat16 phase (an approximate fixed point, relative accuracy about 1e
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -382,8 +383,10 @@ register_solver("fixed_point", fixed_point_iter)
 register_solver("anderson", anderson)
 
 
+@functools.cache
 def _accepts(fn: SolverFn, name: str) -> bool:
-    """Whether a registered solver takes the keyword argument ``name``."""
+    """Whether a registered solver takes the keyword argument ``name`` (cached: inspecting a signature costs
+    about 0.25 ms, a tenth of a linear MNIST training step when done per solve)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):

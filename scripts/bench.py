@@ -74,6 +74,7 @@ from pcdeq.activations import get_activation  # noqa: E402
 from pcdeq.datasets import get_spec  # noqa: E402
 from pcdeq.family import build_net, get_family  # noqa: E402
 from pcdeq.layer import PcDEQLayer  # noqa: E402
+from pcdeq.perf import plain_model_options, plain_solver  # noqa: E402
 from pcdeq.training.config import datamodule_from_config, solver_config  # noqa: E402
 from pcdeq.training.optim import build_optimizer  # noqa: E402
 
@@ -83,9 +84,6 @@ DEFAULT_JSON = ROOT / "results" / "bench" / "bench.json"
 MEMORY_ITERS = (10, 25, 50, 100)
 MEMORY_ARCH = "pcdeq_multiconv_mnist"
 EPOCH_ARCHS = ("pcdeq_linear_mnist", "pcdeq_multiconv_mnist", "mondeq_fc_mnist")
-# every pcDEQ performance switch at its plain value (and channels_last=false), see pcdeq.solvers.SolverConfig
-PLAIN_SOLVER = {"jacobian": "autograd", "weight_grad": "autograd", "check": "every", "inplace": False,
-                "cache_weight": False, "eval_output": "apply"}
 REF_MODULES = ("networks", "blocks", "layers", "solvers", "utils")  # the reference's top-level module names
 REF_CHILDREN = {  # the reference's stateful modules, in the order of our networks' stateful modules
     "linear": ("linear1", "bn1", "block", "bn2", "classifier"),
@@ -112,7 +110,7 @@ class Arch:
     Attributes:
         repeats: default timed repetitions (few for the slow ones).
         warmup: default untimed steps before timing (one at least: the check schedule learns its counts there).
-        epoch_batches: batches per epoch of the ``--epoch`` run.
+        epoch_batches: batches per epoch of the ``--epoch`` run (a whole real epoch where that is cheap).
     """
 
     family: str
@@ -129,12 +127,12 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
-    Arch("pcdeq", "linear", "mnist", 30, 3, 50),
+    Arch("pcdeq", "linear", "mnist", 30, 3, 938),
     Arch("pcdeq", "conv", "mnist", 5, 1, 4),
     Arch("pcdeq", "conv", "cifar10", 3, 1, 2),
     Arch("pcdeq", "multiconv", "mnist", 10, 2, 10),
     Arch("pcdeq", "multiconv", "cifar10", 5, 1, 4),
-    Arch("mondeq", "fc", "mnist", 30, 3, 50),
+    Arch("mondeq", "fc", "mnist", 30, 3, 469),
     Arch("mondeq", "conv", "mnist", 2, 1, 2),
     Arch("mondeq", "conv", "cifar10", 2, 1, 2),
     Arch("mondeq", "multitier", "mnist", 2, 1, 2),
@@ -229,9 +227,8 @@ def build_ours(setup: Setup, plain: bool = False, **solver_changes: Any) -> nn.M
     options = {k: model[k] for k in family.option_names() if k in model}
     solver = solver_config(setup.config["solver"])
     if plain:
-        solver = replace(solver, **PLAIN_SOLVER)
-        if "channels_last" in options:
-            options["channels_last"] = False
+        solver = plain_solver(solver)
+        options.update({k: v for k, v in plain_model_options().items() if k in options})
     solver = replace(solver, **solver_changes)
     torch.manual_seed(0)
     return build_net(family.name, model["arch"], setup.config["dataset"]["name"], channels=model["channels"],
@@ -348,8 +345,9 @@ class Variant:
 
 
 def our_variant(name: str, model: nn.Module, setup: Setup) -> Variant:
-    """A variant of our network with the protocol's optimizer."""
-    optimizer = build_optimizer(model.parameters(), setup.config["optim"])
+    """A variant of our network with the protocol's optimizer (torch's per-tensor loop for the plain path)."""
+    optim = dict(setup.config["optim"], fused=bool(setup.config["optim"].get("fused", True)) and name != "plain")
+    optimizer = build_optimizer(model.parameters(), optim)
     return Variant(name, model, optimizer, setup.x, setup.y, lambda d: our_counts(model, d), model.project_)
 
 
@@ -644,7 +642,8 @@ def reference_variant(networks: ModuleType, setup: Setup, best: Variant) -> tupl
     check = check_reference(best.model, ref, arch, setup.x, setup.y)
     best.model.load_state_dict(initial)  # the check's batch-norm updates undone
     copy_to_reference(best.model, ref, arch)
-    optimizer = build_optimizer(ref.parameters(), setup.config["optim"])
+    # the reference script's optimizer: torch's AdamW with its default (per-tensor) implementation
+    optimizer = build_optimizer(ref.parameters(), dict(setup.config["optim"], fused=False))
     variant = Variant("reference", ref, optimizer, setup.x, setup.y, lambda d: reference_counts(ref, d), ref.clamp,
                       grad_eval=True)
     return variant, check
@@ -1067,6 +1066,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":  # as our CPU runs do (pcdeq.training.pipeline.make_trainer) and the reference's script,
+        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # which never imports Lightning, does: no NVML probes
     if args.memory_point:
         point = memory_point(select_archs(args.archs)[0], args.memory_point[0], int(args.memory_point[1]), args,
                              device)
