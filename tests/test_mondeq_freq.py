@@ -12,6 +12,7 @@ import torch
 
 from pcdeq.errors import ConfigError
 from pcdeq.mondeq import ConvTiersMonotone, build_mondeq
+from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
 from pcdeq.solvers import SolverConfig
 from tests.test_mondeq import splitting, tiny_model
 
@@ -120,3 +121,26 @@ def test_bad_setting_is_refused():
     with pytest.raises(ConfigError, match="unknown solver.mondeq_w 'fft'; valid choices: frequency, spatial"):
         SolverConfig(mondeq_w="fft")
 
+
+@pytest.mark.parametrize("bias_in_prox", [False, True])
+def test_peaceman_rachford_reflection_in_place_is_bit_for_bit(bias_in_prox):
+    """The solver writes 2 z_half - u_half over u_half: the iterates of the plain expressions, bit for bit."""
+    model = tiny_model("multitier", dtype=torch.float32)
+    op = model.operator
+    x = torch.nn.functional.pad(torch.randn(3, 1, 8, 8), (1, 1, 1, 1))
+    with torch.no_grad():
+        b = op.inject(x)
+        masks = op.state_masks(b[0])
+        prox = model._relu(masks)
+        R = op.frequency_weight().resolvent(0.7)
+        problem = SplittingProblem(linear=op.matvec, resolvent=R.apply, prox=prox, bias=b, bias_in_prox=bias_in_prox)
+        z_solver, _ = peaceman_rachford(problem, 0.7, tol=0.0, max_iter=8)
+        z = [torch.zeros_like(t) for t in b]
+        u, ab = z, [0.7 * t for t in b]
+        for _ in range(8):
+            u_half = [2 * zi - ui for zi, ui in zip(z, u, strict=True)]
+            z_half = R.apply(u_half if bias_in_prox else [t + a for t, a in zip(u_half, ab, strict=True)])
+            u = [2 * zh - uh for zh, uh in zip(z_half, u_half, strict=True)]
+            pre = [t + a for t, a in zip(u, ab, strict=True)] if bias_in_prox else u
+            z = [torch.relu(t) * mk for t, mk in zip(pre, masks, strict=True)]
+    assert all(torch.equal(a, c) for a, c in zip(z_solver, z, strict=True))

@@ -137,7 +137,9 @@ class MonDEQ(nn.Module):
 
         def prox(u: list[Tensor]) -> list[Tensor]:
             out = [torch.relu(ui) for ui in u]
-            return [o if mk is None else o * mk for o, mk in zip(out, masks, strict=True)]
+            # in place on relu's fresh output when nothing is tracked (the same numbers, one tensor fewer)
+            inplace = not torch.is_grad_enabled()
+            return [o if mk is None else o.mul_(mk) if inplace else o * mk for o, mk in zip(out, masks, strict=True)]
 
         return prox
 
