@@ -59,6 +59,7 @@ WEIGHT_GRADS = ("direct", "autograd")
 CHECKS = ("prior", "every", "periodic")
 PRECISIONS = ("off", "mixed", "bf16")
 EVAL_OUTPUTS = ("last", "apply")
+MONDEQ_WS = ("frequency", "spatial")
 REL_EPS = 1e-5  # the reference's denominator guard ||z|| + 1e-5
 BF16_SWITCH = torch.finfo(torch.bfloat16).eps  # 2^-7: the relative step below which bfloat16 rounding dominates
 
@@ -435,6 +436,10 @@ class SolverConfig:
             more application to it as training does (pcDEQ; they differ by at most one step's change, within
             the tolerance).
         cache_weight: in evaluation, reuse W = g v / ||v|| while g and v are unchanged (pcDEQ).
+        mondeq_w: how the convolutional monDEQ models apply W and W^T: "frequency" (per-frequency channel
+            matrices, the spectra computed once per forward pass and shared with the resolvent; equal up to
+            rounding) or "spatial" (circular convolutions, the plain path). The fully connected model has
+            no frequency form and ignores it.
     """
 
     # ``metadata["valid"]``: the range the training stack checks at startup (see pcdeq.training.validate)
@@ -458,6 +463,7 @@ class SolverConfig:
     compile: bool = False
     eval_output: str = field(default="last", metadata={"choices": EVAL_OUTPUTS, "example": "last"})
     cache_weight: bool = True
+    mondeq_w: str = field(default="frequency", metadata={"choices": MONDEQ_WS, "example": "frequency"})
 
     def __post_init__(self) -> None:
         for which in ("fwd", "bwd"):
@@ -472,11 +478,13 @@ class SolverConfig:
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"solver.alpha must be a positive finite number, got {self.alpha!r} (e.g. 1.0)")
         for key, choices in (("backward", BACKWARDS), ("jacobian", JACOBIANS), ("weight_grad", WEIGHT_GRADS),
-                             ("check", CHECKS), ("precision", PRECISIONS), ("eval_output", EVAL_OUTPUTS)):
+                             ("check", CHECKS), ("precision", PRECISIONS), ("eval_output", EVAL_OUTPUTS),
+                             ("mondeq_w", MONDEQ_WS)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"unknown solver.{key} {getattr(self, key)!r}; valid choices: {', '.join(choices)}")
-        if isinstance(self.check_every, float) and self.check_every.is_integer():
-            self.check_every = int(self.check_every)
+        every: Any = self.check_every  # a float from a config file, e.g. 2.0
+        if isinstance(every, float) and every.is_integer():
+            self.check_every = int(every)
         if not (isinstance(self.check_every, int) and self.check_every >= 1):
             raise ConfigError(f"solver.check_every must be an integer >= 1, got {self.check_every!r} (e.g. 2)")
 

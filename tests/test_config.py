@@ -86,6 +86,14 @@ def test_overrides_reach_every_group() -> None:
     assert layer.solver.fwd_solver == "anderson" and layer.solver.bwd_max_iter == 7
 
 
+@pytest.mark.parametrize("mode", ["frequency", "spatial"])
+def test_mondeq_w_reaches_the_model(mode: str) -> None:
+    overrides = ["model=mondeq_conv", "dataset=digits"] + ([f"solver.mondeq_w={mode}"] if mode == "spatial" else [])
+    cfg = compose_train(*overrides)
+    assert cfg.solver.mondeq_w == mode  # frequency: the default
+    assert net_from_config(resolved(cfg, "model", "dataset", "solver")).solver.mondeq_w == mode
+
+
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
 def test_trainer_groups(trainer: str) -> None:
     cfg = compose_train(f"trainer={trainer}")

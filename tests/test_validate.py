@@ -96,6 +96,8 @@ def test_each_rule_accepts_its_example_and_rejects_bad_values(key: str) -> None:
     ("solver.bwd_max_iter=0", "solver.bwd_max_iter=0: out of range; valid: an integer >= 1"),
     ("solver.alpha=-1", "solver.alpha=-1: out of range"),
     ("solver.stop_mode=all", "solver.stop_mode=all: unknown choice; valid: one of sample, batch"),
+    ("solver.mondeq_w=fft", "solver.mondeq_w=fft: unknown choice; valid: one of frequency, spatial, "
+     "e.g. solver.mondeq_w=frequency"),
     ("optim.name=rmsprop", "optim.name=rmsprop: unknown choice; valid: one of adamw, adam, sgd, e.g. optim.name=adamw"),
     ("optim.scheduler.milestones=[0]", "optim.scheduler.milestones=[0]: 0 is not valid"),
     ("num_threads=0", "num_threads=0: out of range"),

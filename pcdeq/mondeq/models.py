@@ -94,7 +94,8 @@ class MonDEQ(nn.Module):
     The equilibrium is found without gradient tracking by a splitting solver; the head receives one more
     tracked application relu(W z* + U x + b) whose gradient goes through the implicit backward. The last
     solves' statistics are kept in ``last_stats = {"forward": SolverStats, "backward": SolverStats}`` (the
-    backward entry is set during the backward pass and stays until the next one). Implements
+    backward entry is set during the backward pass and stays until the next one). Convolutional models apply
+    W in the frequency domain unless ``solver.mondeq_w="spatial"`` (:class:`.operators.FrequencyW`). Implements
     :class:`pcdeq.family.EquilibriumNet`.
 
     Args:
@@ -136,7 +137,9 @@ class MonDEQ(nn.Module):
 
         def prox(u: list[Tensor]) -> list[Tensor]:
             out = [torch.relu(ui) for ui in u]
-            return [o if mk is None else o * mk for o, mk in zip(out, masks, strict=True)]
+            # in place on relu's fresh output when nothing is tracked (the same numbers, one tensor fewer)
+            inplace = not torch.is_grad_enabled()
+            return [o if mk is None else o.mul_(mk) if inplace else o * mk for o, mk in zip(out, masks, strict=True)]
 
         return prox
 
@@ -160,12 +163,19 @@ class MonDEQ(nn.Module):
         masks = self.operator.state_masks(bias[0])
         prox = self._relu(masks)
         alpha, cfg = self.alpha, self.solver
+        # W's spectra (frequency mode) are computed once per call, tracked when grad mode is on, and serve the
+        # solves (untracked), the tracked application below and this call's backward
+        op = self.operator
+        freq = op.frequency_weight() if cfg.mondeq_w == "frequency" and isinstance(op, ConvTiersMonotone) else None
+        matvec = op.matvec if freq is None else freq.apply
         with torch.no_grad():
             # V is built per call from the current weights and shared with this call's backward
             uses_v = "peaceman_rachford" in (cfg.fwd_solver, cfg.bwd_solver)
-            resolvent = self.operator.resolvent(alpha) if uses_v else None
+            resolvent = None
+            if uses_v:
+                resolvent = op.resolvent(alpha) if freq is None else freq.resolvent(alpha)
             problem = SplittingProblem(
-                linear=self.operator.matvec,
+                linear=matvec,
                 resolvent=resolvent.apply if resolvent is not None else None,
                 prox=prox,
                 bias=[b.detach() for b in bias],
@@ -173,11 +183,11 @@ class MonDEQ(nn.Module):
             z, stats = get_solver(cfg.fwd_solver, kind="splitting")(
                 problem, alpha, tol=cfg.fwd_tol, max_iter=cfg.fwd_max_iter, stop_mode=cfg.stop_mode)
         self.last_stats["forward"] = stats
-        wz = self.operator.matvec([zi.detach() for zi in z])  # tracked in W, not through z*
+        wz = matvec([zi.detach() for zi in z])  # tracked in W, not through z*
         out = prox([w + b for w, b in zip(wz, bias, strict=True)])
         if torch.is_grad_enabled() and any(o.requires_grad for o in out):
             spec = ImplicitBackwardSpec(
-                matvec=self.operator.matvec, resolvent=resolvent,
+                matvec=matvec, resolvent=resolvent,
                 active=[(o.detach() > 0).to(o.dtype) for o in out],
                 alpha=alpha, solver=cfg, record=self._record_backward,
             )
