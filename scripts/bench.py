@@ -18,7 +18,7 @@ dataset's shape, normalised as its protocol says), with the optimizer of its pro
   the model's memory format), one resolvent application V r for monDEQ (Peaceman-Rachford applies V once per
   iteration in both directions). Training counts forward + backward iterations, evaluation forward ones.
 * ``--plain``: the same pcDEQ model with every performance switch at its plain value beside the default ("best")
-  path; ratios plain/best (monDEQ has none of these switches).
+  path; ratios plain/best (for monDEQ: W applied spatially instead of in the frequency domain).
 * ``--reference PATH``: the authors' pcDEQ implementation, imported at runtime from a checkout at PATH (nothing
   is copied), with our weights copied into it; the fixed points and gradients of one training batch are
   compared first. Ratios ref/ours.
@@ -685,12 +685,10 @@ def bench_arch(arch: Arch, args: argparse.Namespace, device: torch.device,
     setup = make_setup(arch, args, device)
     best = our_variant("best", build_ours(setup).to(device), setup)
     variants, notes = [best], []
-    if args.plain and arch.family == "pcdeq":
+    if args.plain:
         plain = our_variant("plain", build_ours(setup, plain=True).to(device), setup)
         plain.model.load_state_dict(best.model.state_dict())
         variants.append(plain)
-    elif args.plain:
-        notes.append("plain: monDEQ has none of the pcDEQ switches (plain = best)")
     check = None
     if networks is not None and arch.family == "pcdeq":
         ref, check = reference_variant(networks, setup, best)
