@@ -138,8 +138,28 @@ def get_activation(name: str, variant: str | None = None) -> Activation:
     return act
 
 
-register_activation("tanh", torch.tanh, "pcdeq1", deriv=lambda y: 1 - y * y, fn_=torch.tanh_)
-register_activation("softsign", F.softsign, "pcdeq1", deriv=lambda y: (1 - y.abs()).square(), fn_=_softsign_)
-register_activation("relu6", F.relu6, "pcdeq1", deriv=lambda y: ((y > 0) & (y < 6)).to(y.dtype),
-                    fn_=lambda t: t.clamp_(0, 6))
-register_activation("sigmoid", torch.sigmoid, "pcdeq2", deriv=lambda y: y * (1 - y), fn_=torch.sigmoid_)
+# The closed forms are module-level functions, not lambdas, so that layers (which hold their Activation) pickle.
+def _tanh_deriv(y: Tensor) -> Tensor:
+    return 1 - y * y
+
+
+def _softsign_deriv(y: Tensor) -> Tensor:
+    return (1 - y.abs()).square()
+
+
+def _relu6_deriv(y: Tensor) -> Tensor:
+    return ((y > 0) & (y < 6)).to(y.dtype)
+
+
+def _relu6_(t: Tensor) -> Tensor:
+    return t.clamp_(0, 6)
+
+
+def _sigmoid_deriv(y: Tensor) -> Tensor:
+    return y * (1 - y)
+
+
+register_activation("tanh", torch.tanh, "pcdeq1", deriv=_tanh_deriv, fn_=torch.tanh_)
+register_activation("softsign", F.softsign, "pcdeq1", deriv=_softsign_deriv, fn_=_softsign_)
+register_activation("relu6", F.relu6, "pcdeq1", deriv=_relu6_deriv, fn_=_relu6_)
+register_activation("sigmoid", torch.sigmoid, "pcdeq2", deriv=_sigmoid_deriv, fn_=torch.sigmoid_)

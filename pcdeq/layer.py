@@ -251,7 +251,12 @@ class PcDEQLayer(nn.Module):
         return u
 
     def _eval_weight(self) -> Tensor:
-        """W, reused while g and v are unchanged (in-place updates bump their version counters)."""
+        """W, reused while g and v are unchanged (in-place updates bump their version counters).
+
+        Writes that bypass the version counters are not seen: through ``.data`` or by fused optimisers
+        (``torch.optim.Adam(..., fused=True)``). The training stack's optimisers are not fused, and
+        :meth:`project_` after every step bumps the counters anyway; elsewhere set ``cache_weight=False``.
+        """
         g, v = self.W.g, self.W.v
         key = (g._version, v._version, g.data_ptr(), v.data_ptr(), g.dtype, g.device)
         if self._weight_cache is None or self._weight_cache[0] != key:

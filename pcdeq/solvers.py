@@ -251,8 +251,9 @@ def fixed_point_iter(
         if k < max_iter and not schedule.due(k):
             z, owned = z_new, True
             continue
-        diff = z.sub_(z_new) if (inplace and owned and z.data_ptr() != z_new.data_ptr()) else z_new - z
-        res = _relative(diff, z_new, stop_mode)
+        with torch.no_grad():  # the check is never differentiated (backward="unrolled" tracks f itself)
+            diff = z.sub_(z_new) if (inplace and owned and z.data_ptr() != z_new.data_ptr()) else z_new - z
+            res = _relative(diff, z_new, stop_mode)
         # One host sync per check: the stopping decision needs it. A NaN or Inf anywhere in z_new makes its
         # sample's residual NaN (inf / inf), and max propagates NaN, so this one check also catches non-finite z.
         rmax = float(res.max())
@@ -263,7 +264,8 @@ def fixed_point_iter(
         if tolerance_met(rmax, tol) or (stall and rmax >= last):
             break
         last = rmax
-    per_sample = _relative(diff, z, "sample") if stop_mode == "batch" and diff is not None else None
+    with torch.no_grad():
+        per_sample = _relative(diff, z, "sample") if stop_mode == "batch" and diff is not None else None
     return z, finish_stats(stats, res, tol, nonfinite=False, batch_size=z0.shape[0], per_sample=per_sample)
 
 
