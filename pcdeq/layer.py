@@ -254,8 +254,10 @@ class PcDEQLayer(nn.Module):
         """W, reused while g and v are unchanged (in-place updates bump their version counters).
 
         Writes that bypass the version counters are not seen: through ``.data`` or by fused optimisers
-        (``torch.optim.Adam(..., fused=True)``). The training stack's optimisers are not fused, and
-        :meth:`project_` after every step bumps the counters anyway; elsewhere set ``cache_weight=False``.
+        (``torch.optim.AdamW(..., fused=True)``, the training stack's default). The training stack is safe: every
+        forward with gradients clears the cache, and :meth:`project_` after every optimizer step bumps the
+        counters. A loop of your own that updates g and v that way between two no-grad evaluations must call
+        ``project_()`` (which it needs for the constraint anyway) or set ``cache_weight=False``.
         """
         g, v = self.W.g, self.W.v
         key = (g._version, v._version, g.data_ptr(), v.data_ptr(), g.dtype, g.device)

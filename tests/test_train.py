@@ -142,7 +142,7 @@ BAD_INPUT = [
     (["dataset.val_size=5000"], "dataset.val_size=5000: leaves no training data (digits has 1437 training images)"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0: out of range; valid: an integer >= 1"),
     (["num_threads=0"], "num_threads=0: out of range; valid: an integer >= 1"),
-    (["solver.fwd_tol=0"], "solver.fwd_tol=0: out of range; valid: a number in (0, 1), e.g. solver.fwd_tol=1e-4"),
+    (["solver.fwd_tol=-0.5"], "solver.fwd_tol=-0.5: out of range; valid: a number in [0, 1), e.g. solver.fwd_tol=1e-4"),
     (["solver.fwd_max_iter=0"], "solver.fwd_max_iter=0: out of range; valid: an integer >= 1"),
     (["model=mondeq_fc", "solver.alpha=0"], "solver.alpha=0: out of range; valid: a number > 0"),
     (["-m", "optim.lr=1e-3,-1e-3"], "optim.lr=-0.001: out of range"),  # a sweep fails before its first job
