@@ -12,6 +12,7 @@ it, and ``scripts/check_switches.py`` trains both ways to show the accuracy does
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from pcdeq.solvers import SolverConfig
 
@@ -37,7 +38,7 @@ def plain_overrides() -> list[str]:
 
 def plain_solver(solver: SolverConfig | None = None) -> SolverConfig:
     """``solver`` (default: the defaults) with every solver switch at its plain value."""
-    keys = {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("solver.")}
+    keys: dict[str, Any] = {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("solver.")}
     return dataclasses.replace(solver or SolverConfig(), **keys)
 
 

@@ -744,3 +744,19 @@ def test_compiled_steps_match_plain_path(oracle, kind: str) -> None:
     assert _maxabs(got.y_eval, plain.y_eval) <= 1e-4 + 1e-4 * float(plain.y_eval.norm())
     for a, b in zip(got.grads, plain.grads, strict=True):
         assert _rel(a, b) <= 1e-3
+
+
+def test_plain_overrides_compose_into_a_plain_run() -> None:
+    from pcdeq.models import PcDEQNet
+    from pcdeq.perf import PLAIN, plain_overrides
+    from pcdeq.training.config import net_from_config
+    from tests.test_config import compose_train, resolved
+
+    cfg = compose_train("model=pcdeq_conv", "dataset=mnist", *plain_overrides())
+    net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
+    assert isinstance(net, PcDEQNet)
+    layers = [m for m in net.modules() if isinstance(m, PcDEQLayer)]
+    assert layers and all(getattr(m.solver, k.split(".", 1)[1]) == v
+                          for m in layers for k, v in PLAIN.items() if k.startswith("solver."))
+    assert layers[0].W.v.is_contiguous()  # channels_last off (the default stores it channels-last)
+    assert cfg.optim.fused is False and cfg.model.channels_last is False
