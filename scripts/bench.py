@@ -457,14 +457,19 @@ def time_evaluation(variants: list[Variant], repeats: int, warmup: int, device: 
 def pcdeq_layer_inputs(model: nn.Module, step: Callable[[], None]) -> list[tuple[PcDEQLayer, Tensor]]:
     """Each pcDEQ layer with (a detached copy of) the input it received during ``step``."""
     seen: list[tuple[PcDEQLayer, Tensor]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0].detach().clone())))
-             for m in model.modules() if isinstance(m, PcDEQLayer)]
+    layers = [m for m in model.modules() if isinstance(m, PcDEQLayer)]
+    run_hooked([m.register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0].detach().clone())))
+                for m in layers], step)
+    return seen
+
+
+def run_hooked(hooks: list[Any], step: Callable[[], None]) -> None:
+    """Run ``step`` with the given hook handles registered, removing them afterwards whatever happens."""
     try:
         step()
     finally:
         for h in hooks:
             h.remove()
-    return seen
 
 
 def floor_ops(variant: Variant) -> tuple[str, list[Callable[[], Any]]]:
@@ -591,12 +596,7 @@ def copy_to_reference(ours: nn.Module, ref: nn.Module, arch: str) -> None:
 def block_outputs(model: nn.Module, blocks: list[nn.Module], step: Callable[[], None]) -> list[Tensor]:
     """The output of each module in ``blocks`` during ``step``."""
     seen: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda mod, a, out: seen.append(out.detach().clone())) for b in blocks]
-    try:
-        step()
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked([b.register_forward_hook(lambda mod, a, out: seen.append(out.detach().clone())) for b in blocks], step)
     return seen
 
 
