@@ -55,6 +55,26 @@ def test_epoch_aggregate_matches_hand_computation() -> None:
         mean.update({"c": 1.0})
 
 
+def test_epoch_aggregate_add_commit_equals_update() -> None:
+    # add() (host floats, device tensors) then commit() gives what update() gives batch by batch
+    rng = torch.Generator().manual_seed(0)
+    for reduce in ("mean", "max", "sum"):
+        fast, slow = EpochAggregate(["t", "f"], reduce), EpochAggregate(["t", "f"], reduce)
+        for k in range(7):
+            batch = {"t": torch.rand((), generator=rng, dtype=torch.float32), "f": float(k % 3) - 0.5}
+            if k == 4:
+                batch["f"] = math.inf  # skipped on both paths
+            fast.add(batch, weight=10 + k)
+            slow.update(batch, weight=10 + k)
+        assert fast.peek("t") == pytest.approx(slow.peek("t"), rel=1e-6)  # pending values are seen
+        fast.commit()
+        assert fast.compute() == pytest.approx(slow.compute(), rel=1e-6)
+        fast.reset()
+        assert math.isnan(fast.peek("f"))
+    with pytest.raises(KeyError, match="not one of"):
+        EpochAggregate(["a"], "sum").add({"c": 1.0})
+
+
 def test_third_party_messages_are_silenced_exactly(caplog) -> None:
     import logging
     import warnings

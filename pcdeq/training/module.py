@@ -86,7 +86,7 @@ class EquilibriumModule(L.LightningModule):
         return self.figures[f"{prefix}_figures"][reduce]  # type: ignore[index]
 
     def _record(self, prefix: str, loss: Tensor, acc: Tensor, n: int, directions: tuple[str, ...]) -> None:
-        self._aggregate(prefix, "mean").update({f"{prefix}/loss": loss, f"{prefix}/acc": acc}, weight=n)
+        self._aggregate(prefix, "mean").add({f"{prefix}/loss": loss, f"{prefix}/acc": acc}, weight=n)
         stats = self.net.solver_stats()
         by_reduce: dict[str, dict[str, float]] = {"mean": {}, "max": {}, "sum": {}}
         for direction in directions:
@@ -97,12 +97,13 @@ class EquilibriumModule(L.LightningModule):
             for key, (suffix, reduce) in SOLVER_FIGURES.items():
                 by_reduce[reduce][f"{prefix}/{tag}_{suffix}"] = s[key]
         for reduce, values in by_reduce.items():
-            self._aggregate(prefix, reduce).update(values)
+            self._aggregate(prefix, reduce).add(values)
 
     def _flush(self, prefix: str) -> None:
         """Log the epoch's figures of ``prefix`` (reduced over batches and processes) and reset them."""
         for reduce in ("mean", "max", "sum"):
             agg = self._aggregate(prefix, reduce)
+            agg.commit()
             if agg.update_count == 0:  # nothing of this kind in the epoch
                 continue
             for name, value in agg.compute().items():
@@ -135,7 +136,7 @@ class EquilibriumModule(L.LightningModule):
             # Here, before the optimizer step, the weights are the ones that produced the fixed points.
             cert = self.net.certificate()
             for reduce in {CERTIFICATE_KEYS[k] for k in cert}:  # each figure by its epoch reduction
-                self._aggregate("train", reduce).update(
+                self._aggregate("train", reduce).add(
                     {f"train/{k}": v for k, v in cert.items() if CERTIFICATE_KEYS[k] == reduce})
         return loss
 
