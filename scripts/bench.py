@@ -24,9 +24,9 @@ dataset's shape, normalised as its protocol says), with the optimizer of its pro
   compared first. Ratios ref/ours.
 * ``--memory``: one training step with the iteration count forced (tol 0) for implicit and unrolled backward,
   each point in a fresh subprocess: peak saved-for-backward bytes, peak RSS growth (CPU) or peak CUDA memory.
-* ``--epoch``: two short epochs through the real training stack (Hydra config, Lightning Trainer, the project's
-  module and callbacks) on synthetic data; the second epoch's wall time against its number of batches times
-  the bare training step measured here, as an overhead percentage.
+* ``--epoch``: two epochs through the real training stack (Hydra config, Lightning Trainer, the project's
+  module and callbacks) on synthetic data, and the same two epochs as a bare loop (same weights, batches and
+  optimizer); the second epochs' wall times, interleaved, and Lightning's overhead as a percentage.
 
 Usage:
     python scripts/bench.py [--archs all|pcdeq|mondeq|NAME,...] [--plain] [--reference PATH] [--memory]
@@ -843,35 +843,82 @@ def quiet_logging() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def bench_epoch(arch: Arch, args: argparse.Namespace, bare_step_ms: float) -> dict[str, Any]:
-    """Two short epochs through the training stack; the second one's time against n x the bare training step."""
+def _epoch_config(arch: Arch, args: argparse.Namespace, n: int, tmp: str) -> DictConfig:
+    """The architecture's training config for two epochs of ``n`` synthetic batches, no logger, no test."""
+    probe = compose_config(arch, config_overrides(arch, args), tmp)
+    batch = int(probe.dataset.batch_size)
+    overrides = [*config_overrides(arch, args), f"dataset.synthetic_size=[{n * batch},{batch}]",
+                 "trainer.max_epochs=2", f"trainer.limit_train_batches={n}", "test_every_epoch=false",
+                 "logger=none", f"num_threads={args.threads}", "trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false"]
+    if args.device == "cuda":
+        overrides.append("trainer=gpu")
+    return compose_config(arch, overrides, tmp)
+
+
+def lightning_epochs(cfg: DictConfig) -> tuple[EpochClock, dict[str, float]]:
+    """Two epochs through the training stack (``build_run``: Trainer, module, callbacks, checkpoints)."""
     from pcdeq.training.pipeline import build_run
 
+    run = build_run(cfg)
+    clock = EpochClock()
+    run.trainer.callbacks.append(clock)
+    run.trainer.fit(run.module, train_dataloaders=run.datamodule.train_dataloader())
+    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.endswith("_iters")}
+    return clock, metrics
+
+
+def bare_epochs(cfg: DictConfig, device: torch.device) -> list[float]:
+    """The same two epochs as a plain loop: the same network, seed, data order and optimizer, nothing else.
+
+    Returns:
+        The wall time of each epoch (s).
+    """
+    from pcdeq.training.pipeline import build_run
+
+    run = build_run(cfg)  # the same seeding, so the same initial weights and batches as the Lightning run
+    net = run.module.net.to(device)
+    optimizer = build_optimizer(net.parameters(), run.module.config["optim"])
+    loader = run.datamodule.train_dataloader()
+    net.train()
+    times = []
+    for _ in range(2):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(net(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            net.project_()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_epoch(arch: Arch, args: argparse.Namespace, bare_step_ms: float, device: torch.device) -> dict[str, Any]:
+    """Lightning's per-epoch overhead: the second of two epochs through the training stack against the second of
+    the same two epochs as a bare loop (same weights, batches and optimizer, so the iteration counts grow alike),
+    interleaved, medians over the repetitions."""
     n = 2 if args.quick else arch.epoch_batches
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = compose_config(arch, config_overrides(arch, args), tmp)
-        batch = int(probe.dataset.batch_size)
-        overrides = [*config_overrides(arch, args), f"dataset.synthetic_size=[{n * batch},{batch}]",
-                     "trainer.max_epochs=2", f"trainer.limit_train_batches={n}", "test_every_epoch=false",
-                     "logger=none", f"num_threads={args.threads}", "trainer.enable_progress_bar=false",
-                     "trainer.enable_model_summary=false"]
-        if args.device == "cuda":
-            overrides.append("trainer=gpu")
-        cfg = compose_config(arch, overrides, tmp)
-        with quiet_logging(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run = build_run(cfg)
-            clock = EpochClock()
-            run.trainer.callbacks.append(clock)
-            run.trainer.fit(run.module, train_dataloaders=run.datamodule.train_dataloader())
-        metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.endswith("_iters")}
-    epoch_s = clock.end - clock.epoch_starts[-1]
-    steps_s = n * bare_step_ms / 1e3
-    return {"batches": n, "epoch_s": epoch_s, "steps_s": steps_s, "in_batch_s": clock.batch_time[-1],
-            "bare_step_ms": bare_step_ms, "overhead_pct": (epoch_s / steps_s - 1) * 100,
+    reps = 1 if args.quick else 3
+    lightning_s, in_batch_s, bare_s = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, quiet_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = _epoch_config(arch, args, n, tmp)
+        for _ in range(reps):
+            clock, metrics = lightning_epochs(cfg)
+            lightning_s.append(clock.end - clock.epoch_starts[-1])
+            in_batch_s.append(clock.batch_time[-1])
+            bare_s.append(bare_epochs(cfg, device)[-1])
+    epoch_s, bare = statistics.median(lightning_s), statistics.median(bare_s)
+    return {"batches": n, "repeats": reps, "epoch_s": epoch_s, "bare_epoch_s": bare,
+            "in_batch_s": statistics.median(in_batch_s), "overhead_pct": (epoch_s / bare - 1) * 100,
+            "steps_s": n * bare_step_ms / 1e3, "bare_step_ms": bare_step_ms,
             "train_fwd_iters": metrics.get("train/fwd_iters"), "train_bwd_iters": metrics.get("train/bwd_iters"),
-            "measures": "the second of two epochs (callback: epoch start to end of training, checkpoint "
-                        "included) against batches x the bare step's median from this run"}
+            "measures": "the second of two epochs through Lightning (callback: epoch start to the end of training, "
+                        "checkpoint included) against the second of the same two epochs as a bare loop; "
+                        "steps_s: batches x the fixed-batch step's median (iterations do not grow there)"}
 
 
 # ---------------------------------------------------------------- output
@@ -952,10 +999,12 @@ def report(results: dict[str, Any]) -> str:
     if results.get("memory"):
         out.append(memory_table(results["memory"]))
     if results.get("epoch"):
-        rows = [[name, e["batches"], e["epoch_s"], e["steps_s"], e["in_batch_s"], e["overhead_pct"],
-                 iters_cell(e["train_fwd_iters"], e["train_bwd_iters"])] for name, e in results["epoch"].items()]
-        out.append(table("Lightning epoch (second of two) vs batches x bare step",
-                         ["arch", "batches", "epoch s", "steps s", "in-batch s", "overhead %", "iters f/b"], rows))
+        rows = [[name, e["batches"], e["epoch_s"], e["bare_epoch_s"], e["overhead_pct"], e["in_batch_s"],
+                 e["steps_s"], iters_cell(e["train_fwd_iters"], e["train_bwd_iters"])]
+                for name, e in results["epoch"].items()]
+        out.append(table("Lightning epoch vs the same epoch as a bare loop (second of two; medians)",
+                         ["arch", "batches", "epoch s", "bare s", "overhead %", "in-batch s", "fixed-step sum s",
+                          "iters f/b"], rows))
     grouped: dict[str, list[str]] = {}
     for name, r in archs.items():
         for note in r["notes"]:
@@ -1087,7 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 continue
             progress(f"epoch: {arch.name}")
             bare = results["archs"][arch.name]["variants"]["best"]["train_ms"]
-            results["epoch"][arch.name] = bench_epoch(arch, args, bare)
+            results["epoch"][arch.name] = bench_epoch(arch, args, bare, device)
     results["meta"].update(wall_s=time.perf_counter() - t0, load_average_end=list(os.getloadavg()))
     print(report(results), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

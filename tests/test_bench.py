@@ -99,4 +99,4 @@ def test_memory_and_epoch(bench: ModuleType, tmp_path: Path) -> None:
     # the step's own peak, not one inherited from the parent process (Linux keeps ru_maxrss across exec)
     assert all(0 <= p["peak_rss_growth_mb"] < 500 for p in mem["implicit"] + mem["unrolled"])
     epoch = res["epoch"]["pcdeq_linear_mnist"]
-    assert epoch["batches"] == 2 and epoch["epoch_s"] > 0 and epoch["steps_s"] > 0
+    assert epoch["batches"] == 2 and epoch["epoch_s"] > 0 and epoch["bare_epoch_s"] > 0 and epoch["steps_s"] > 0
