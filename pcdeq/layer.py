@@ -347,14 +347,18 @@ class _AnalyticImplicit(torch.autograd.Function):
 class _DirectImplicit(torch.autograd.Function):
     """(x~, W) -> g(z*) with the implicit gradients for x~ and W in one call each (``weight_grad="direct"``).
 
-    Saved for the backward: z* and W, and g(z*) (the output, which the next layer usually keeps anyway) for
-    sigma'; with the autograd Jacobian x~ instead, to rebuild the map's graph at z*.
+    Saved for the backward: z* and W, and the output (g(z*), or z* itself with ``train_output="last"``: equal
+    at the fixed point) for sigma'; with the autograd Jacobian x~ instead, to rebuild the map's graph at z*.
     """
 
     @staticmethod
     def forward(ctx, x_inj: Tensor, w: Tensor, layer: PcDEQLayer) -> Tensor:
         z_star = layer._solve_forward(x_inj, w)
-        y = layer._forward_step(w, x_inj)(z_star)  # the application at z*: the layer's output
+        # the layer's output: z* itself (train_output="last"), or one more application at z* (the reference's;
+        # always with precision="bf16", whose z* is only bfloat16-accurate: sigma' must come from full precision)
+        cfg = layer.solver
+        last = cfg.train_output == "last" and cfg.precision != "bf16"
+        y = z_star if last else layer._forward_step(w, x_inj)(z_star)
         analytic = layer._analytic()
         ctx.save_for_backward(z_star, y if analytic else x_inj, w)
         ctx.layer, ctx.analytic = layer, analytic

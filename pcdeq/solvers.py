@@ -437,6 +437,11 @@ class SolverConfig:
         eval_output: the layer's output in evaluation (no gradient): the solver's "last" iterate, or "apply" one
             more application to it as training does (pcDEQ; they differ by at most one step's change, within
             the tolerance).
+        train_output: the layer's output in training with ``weight_grad="direct"``: the solver's "last" iterate
+            z*, or "apply" one more application g(z*) (the reference's output, the plain path). Both have the same
+            implicit gradient formula (dg(z*)/dtheta = dz*/dtheta at a fixed point); "last" saves one application
+            per training step and differs by at most one step's change, within the tolerance (pcDEQ; with
+            ``precision="bf16"`` the output is always applied in full precision).
         cache_weight: in evaluation, reuse W = g v / ||v|| while g and v are unchanged (pcDEQ).
         mondeq_w: how the convolutional monDEQ models apply W and W^T: "frequency" (per-frequency channel
             matrices, the spectra computed once per forward pass and shared with the resolvent; equal up to
@@ -464,6 +469,7 @@ class SolverConfig:
     inplace: bool = True
     compile: bool = False
     eval_output: str = field(default="last", metadata={"choices": EVAL_OUTPUTS, "example": "last"})
+    train_output: str = field(default="last", metadata={"choices": EVAL_OUTPUTS, "example": "last"})
     cache_weight: bool = True
     mondeq_w: str = field(default="frequency", metadata={"choices": MONDEQ_WS, "example": "frequency"})
 
@@ -481,7 +487,7 @@ class SolverConfig:
             raise ConfigError(f"solver.alpha must be a positive finite number, got {self.alpha!r} (e.g. 1.0)")
         for key, choices in (("backward", BACKWARDS), ("jacobian", JACOBIANS), ("weight_grad", WEIGHT_GRADS),
                              ("check", CHECKS), ("precision", PRECISIONS), ("eval_output", EVAL_OUTPUTS),
-                             ("mondeq_w", MONDEQ_WS)):
+                             ("train_output", EVAL_OUTPUTS), ("mondeq_w", MONDEQ_WS)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"unknown solver.{key} {getattr(self, key)!r}; valid choices: {', '.join(choices)}")
         every: Any = self.check_every  # a float from a config file, e.g. 2.0

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 ACTS = ("tanh", "softsign", "relu6", "sigmoid")  # the registered activations, pcDEQ-1 and pcDEQ-2
 KINDS = ("dense", "conv")
 PLAIN = dict(jacobian="autograd", weight_grad="autograd", check="every", inplace=False, cache_weight=False,
-             eval_output="apply", precision="off")
+             eval_output="apply", train_output="apply", precision="off")
 TIGHT = 1e-12  # float64 solver tolerance
 # (fixed-point max abs difference, gradient relative error) allowed per dtype; the fixed-point bounds are for
 # z* of order 1 (tanh, softsign, sigmoid) and scale with max|z*| (relu6 reaches 6): the stopping rule is relative
@@ -64,6 +64,7 @@ SWITCHES: dict[str, dict] = {
     "inplace": {"inplace": True},
     "cache_weight": {"cache_weight": True},
     "eval_output=last": {"eval_output": "last"},
+    "train_output=last": {"train_output": "last", "weight_grad": "direct"},  # the direct path's option
     "precision=mixed": {"precision": "mixed"},
     "channels_last": {"channels_last": True},
     "defaults": {"defaults": True, "channels_last": True},
@@ -233,10 +234,11 @@ def test_switch_matches_plain_path_and_oracle(oracle, switch: str, kind: str, ac
 
     assert got.fwd.converged and got.bwd.converged
     assert _maxabs(got.z_star, plain.z_star) <= fp_bound
-    assert _maxabs(got.y, plain.y) <= fp_bound
-    # evaluation: eval_output=last returns z* itself, one step from g(z*), which the stopping rule bounds by
-    # tol * ||z||; every other config returns g(z*) as the plain path does
-    eval_bound = fp_bound + (SOLVER_TOL[dtype] * float(plain.y_eval.norm()) if switch == "eval_output=last" else 0)
+    # an output of z* itself ("last", also the default) is one step from g(z*), which the stopping rule bounds
+    # by tol * ||z||; every other config returns g(z*) as the plain path does
+    last_train, last_eval = (switch in (name, "defaults") for name in ("train_output=last", "eval_output=last"))
+    assert _maxabs(got.y, plain.y) <= fp_bound + (SOLVER_TOL[dtype] * float(plain.y.norm()) if last_train else 0)
+    eval_bound = fp_bound + (SOLVER_TOL[dtype] * float(plain.y_eval.norm()) if last_eval else 0)
     assert _maxabs(got.y_eval, plain.y_eval) <= eval_bound
     for name, a, b, ref in zip(("x", "g", "v"), got.grads, plain.grads, grads_ref, strict=True):
         assert float(ref.norm()) > 1e-6, name  # a vanishing reference would make the comparison empty
@@ -260,16 +262,18 @@ def test_plain_path_matches_oracle(oracle, kind: str, dtype) -> None:
             assert bool((z_ref < 6 - 1e-3).any()) and bool((z_ref == 6).any())
 
 
+@pytest.mark.parametrize("phase", ["eval", "train"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_eval_output_last_is_z_star_and_apply_is_one_more_step(oracle, kind: str) -> None:
-    # a loose tolerance, so that the one step between the two outputs is visible
+def test_output_last_is_z_star_and_apply_is_one_more_step(oracle, kind: str, phase: str) -> None:
+    # eval_output (no gradient) and train_output (the direct implicit path); a loose tolerance, so that the one
+    # step between the two outputs is visible
     x = _data(kind, torch.float32)[0]
     outs = {}
     for mode in ("last", "apply"):
-        cfg = _solver(torch.float32, defaults=True, check="every", fwd_tol=1e-2, eval_output=mode)
-        layer = _layer(kind, "softsign", torch.float32, cfg, oracle).eval()
-        with torch.no_grad():
-            outs[mode] = layer(x)
+        cfg = _solver(torch.float32, defaults=True, check="every", fwd_tol=1e-2, **{f"{phase}_output": mode})
+        layer = _layer(kind, "softsign", torch.float32, cfg, oracle).train(phase == "train")
+        with torch.set_grad_enabled(phase == "train"):
+            outs[mode] = layer(x).detach()
         z_star, x_inj = layer.last_fixed_point
         if mode == "last":
             assert torch.equal(outs[mode], z_star)  # the solver's last iterate itself
