@@ -354,8 +354,8 @@ class _DirectImplicit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_inj: Tensor, w: Tensor, layer: PcDEQLayer) -> Tensor:
         z_star = layer._solve_forward(x_inj, w)
-        # the layer's output: z* itself (train_output="last"), or one more application at z* (the reference's;
-        # always with precision="bf16", whose z* is only bfloat16-accurate: sigma' must come from full precision)
+        # the layer's output: one more application at z* (the reference's), or z* itself (train_output="last",
+        # except with precision="bf16": its z* is only bfloat16-accurate, and sigma' must come from float32)
         cfg = layer.solver
         last = cfg.train_output == "last" and cfg.precision != "bf16"
         y = z_star if last else layer._forward_step(w, x_inj)(z_star)

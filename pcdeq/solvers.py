@@ -441,7 +441,9 @@ class SolverConfig:
             z*, or "apply" one more application g(z*) (the reference's output, the plain path). Both have the same
             implicit gradient formula (dg(z*)/dtheta = dz*/dtheta at a fixed point); "last" saves one application
             per training step and differs by at most one step's change, within the tolerance (pcDEQ; with
-            ``precision="bf16"`` the output is always applied in full precision).
+            ``precision="bf16"`` the output is always applied in full precision). Opt-in: on the multi conv MNIST
+            network at the paper's tolerance its gradients differed from the reference's by 6.6e-3 relative in
+            the last block's v (``results/bench/cpu_train_output_last.txt``), over the 1e-3 we hold the default to.
         cache_weight: in evaluation, reuse W = g v / ||v|| while g and v are unchanged (pcDEQ).
         mondeq_w: how the convolutional monDEQ models apply W and W^T: "frequency" (per-frequency channel
             matrices, the spectra computed once per forward pass and shared with the resolvent; equal up to
@@ -469,7 +471,7 @@ class SolverConfig:
     inplace: bool = True
     compile: bool = False
     eval_output: str = field(default="last", metadata={"choices": EVAL_OUTPUTS, "example": "last"})
-    train_output: str = field(default="last", metadata={"choices": EVAL_OUTPUTS, "example": "last"})
+    train_output: str = field(default="apply", metadata={"choices": EVAL_OUTPUTS, "example": "apply"})
     cache_weight: bool = True
     mondeq_w: str = field(default="frequency", metadata={"choices": MONDEQ_WS, "example": "frequency"})
 
