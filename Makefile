@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 
 help:
 	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
-	@echo "make test        the test suite (fast tests, ~9 min on 2 idle cores)"
+	@echo "make test        the test suite (fast tests, 9-10 min on 2 idle cores)"
 	@echo "make test-slow   only the tests marked slow"
 	@echo "make lint        ruff and mypy"
 	@echo "make install     create $(VENV) and install pcdeq in editable mode (idempotent)"
