@@ -176,16 +176,25 @@ class PcDEQLayer(nn.Module):
 
     # ---------------------------------------------------------------- untracked iteration maps
 
-    def _forward_step(self, w: Tensor, x_inj: Tensor) -> Map:
-        """z -> sigma(W z + x~) for the untracked iterations; always returns a fresh tensor."""
+    def _forward_step(self, w: Tensor, x_inj: Tensor, zero: Tensor | None = None) -> Map:
+        """z -> sigma(W z + x~) for the untracked iterations; always returns a fresh tensor.
+
+        ``zero``: the solve's zero start; the map returns sigma(x~) for it without the product (W 0 = 0 exactly,
+        so the iterate is the same, one product fewer per solve).
+        """
         cfg, act, matvec = self.solver, self.act, self.W.matvec
+        step: Map
         if cfg.compile:
-            step = _compiled(self.W.kind, act, "fwd")
-            return lambda z: step(z, w, x_inj)
-        fn_ = act.fn_
-        if cfg.inplace and fn_ is not None:  # the product is a fresh tensor: add and activate in it
-            return lambda z: fn_(matvec(z, w).add_(x_inj))
-        return lambda z: act.fn(matvec(z, w) + x_inj)
+            compiled = _compiled(self.W.kind, act, "fwd")
+            step = lambda z: compiled(z, w, x_inj)  # noqa: E731
+        elif cfg.inplace and act.fn_ is not None:  # the product is a fresh tensor: add and activate in it
+            fn_ = act.fn_
+            step = lambda z: fn_(matvec(z, w).add_(x_inj))  # noqa: E731
+        else:
+            step = lambda z: act.fn(matvec(z, w) + x_inj)  # noqa: E731
+        if zero is None:
+            return step
+        return lambda z: act.fn(x_inj) if z is zero else step(z)
 
     def _backward_step(self, s: Tensor, w: Tensor, grad: Tensor) -> Map:
         """u -> W^T (s u) + grad (analytic J^T u + v); always returns a fresh tensor."""
@@ -212,12 +221,16 @@ class PcDEQLayer(nn.Module):
         cfg = self.solver
         key = "fwd_train" if self.training else "fwd_eval"
         with torch.no_grad():
-            f = self._forward_step(w, x_inj)
+            if cfg.skip_zero_product:  # a zero scalar broadcast to the iterate's shape: nothing to fill
+                z0 = x_inj.new_zeros(()).expand_as(x_inj)
+                zero: Tensor | None = z0
+            else:
+                z0, zero = torch.zeros_like(x_inj), None
+            f = self._forward_step(w, x_inj, zero)
             f_low = None
             if cfg.precision != "off":
                 f_low = self._forward_step(w.to(torch.bfloat16), x_inj.to(torch.bfloat16))
-            z, stats = cfg.solve("fwd", f, torch.zeros_like(x_inj), previous=self._previous.get(key), f_low=f_low,
-                                 inplace=cfg.inplace)
+            z, stats = cfg.solve("fwd", f, z0, previous=self._previous.get(key), f_low=f_low, inplace=cfg.inplace)
         self._previous[key] = stats.iters - stats.low_precision_iters
         self.last_stats = {"forward": stats}
         self.last_fixed_point = (z, x_inj.detach())

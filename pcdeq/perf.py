@@ -2,11 +2,12 @@
 
 The defaults of :class:`pcdeq.solvers.SolverConfig`, of the pcDEQ model options and of the optimiser are the
 fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and weight gradients
-through a tracked application, a residual check after every iteration, out-of-place iterations, no cached W, one
-more application as the evaluation and training output, float32 throughout, contiguous (NCHW) convolutions, torch's
-per-tensor optimiser loop, and for monDEQ W applied as spatial convolutions instead of in the frequency domain.
-The plain path is what the reference implementation does, so ``make bench`` reports each switch's effect against
-it, and ``scripts/check_switches.py`` trains both ways to show the accuracy does not move.
+through a tracked application, a residual check after every iteration, out-of-place iterations, no cached W, the
+first iteration's product computed from z = 0, one more application as the evaluation and training output, float32
+throughout, contiguous (NCHW) convolutions, torch's per-tensor optimiser loop, and for monDEQ W applied as spatial
+convolutions instead of in the frequency domain. The plain path is what the reference implementation does, so
+``make bench`` reports each switch's effect against it, and ``scripts/check_switches.py`` trains both ways to show
+the accuracy does not move.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ PLAIN: dict[str, str | bool] = {
     "solver.check": "every",
     "solver.inplace": False,
     "solver.cache_weight": False,
+    "solver.skip_zero_product": False,
     "solver.eval_output": "apply",
     "solver.train_output": "apply",
     "solver.precision": "off",

@@ -1,7 +1,7 @@
 """The performance switches of SolverConfig (issue 10): every one gives the plain path's fixed point and gradients.
 
 Plain path: jacobian=autograd, weight_grad=autograd, check=every, inplace=False, cache_weight=False,
-eval_output=apply, precision=off, contiguous tensors. Each switch alone, and all defaults together, must reproduce
+eval_output=apply, precision=off, skip_zero_product=False, contiguous tensors. Each switch alone, and all defaults together, must reproduce
 it (float32 at the paper's tolerance, float64 at near machine precision), and both must match an independent
 oracle: the fixed point of the paper's map (rebuilt from g and v in conftest) and the implicit-function-theorem
 gradient by a dense solve, dL/dp = sigma'(p*) (I - J^T)^{-1} dL/dy with J = diag(sigma'(p*)) A, where A is the
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 ACTS = ("tanh", "softsign", "relu6", "sigmoid")  # the registered activations, pcDEQ-1 and pcDEQ-2
 KINDS = ("dense", "conv")
 PLAIN = dict(jacobian="autograd", weight_grad="autograd", check="every", inplace=False, cache_weight=False,
-             eval_output="apply", train_output="apply", precision="off")
+             eval_output="apply", train_output="apply", precision="off", skip_zero_product=False)
 TIGHT = 1e-12  # float64 solver tolerance
 # (fixed-point max abs difference, gradient relative error) allowed per dtype; the fixed-point bounds are for
 # z* of order 1 (tanh, softsign, sigmoid) and scale with max|z*| (relu6 reaches 6): the stopping rule is relative
@@ -63,6 +63,7 @@ SWITCHES: dict[str, dict] = {
     "check=periodic": {"check": "periodic", "check_every": 3},
     "inplace": {"inplace": True},
     "cache_weight": {"cache_weight": True},
+    "skip_zero_product": {"skip_zero_product": True},
     "eval_output=last": {"eval_output": "last"},
     "train_output=last": {"train_output": "last", "weight_grad": "direct"},  # the direct path's option
     "precision=mixed": {"precision": "mixed"},
@@ -285,6 +286,30 @@ def test_output_last_is_z_star_and_apply_is_one_more_step(oracle, kind: str, pha
     diff = float((outs["apply"] - outs["last"]).norm())
     assert 0 < diff <= 1e-2 * float(outs["last"].norm())  # one step, bounded by the stopping rule
 
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "out_of_place"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_zero_product_same_iterates_one_product_fewer(oracle, kind: str, inplace: bool) -> None:
+    # the first iteration from z = 0 is sigma(x~): bit for bit the iterate the product gives (W 0 = 0 exactly),
+    # so outputs, fixed point, iterations and gradients are identical; each forward solve computes one product less
+    x, c, x_warm = _data(kind, torch.float32)
+    runs, products = {}, {}
+    for skip in (True, False):
+        cfg = _solver(torch.float32, defaults=True, inplace=inplace, skip_zero_product=skip)
+        layer = _layer(kind, "tanh", torch.float32, cfg, oracle)
+        calls = []
+        matvec = layer.W.matvec
+        layer.W.matvec = lambda z, w=None, _m=matvec: calls.append(1) or _m(z, w)  # type: ignore[method-assign]
+        runs[skip] = _run(layer, x, c, x_warm)
+        products[skip] = len(calls)
+    on, off = runs[True], runs[False]
+    assert torch.equal(on.z_star, off.z_star) and torch.equal(on.y, off.y) and torch.equal(on.y_eval, off.y_eval)
+    assert on.fwd.iters == off.fwd.iters and on.fwd.history == off.fwd.history
+    for a, b in zip(on.grads, off.grads, strict=True):
+        assert torch.equal(a, b)
+    forward_solves = 5  # _run: a training and an evaluation warm-up, a training forward, two evaluations
+    assert products[False] - products[True] == forward_solves
 
 # --------------------------------------------------------------------------- mixed precision
 
