@@ -1,11 +1,12 @@
 """The performance switches of SolverConfig (issue 10): every one gives the plain path's fixed point and gradients.
 
 Plain path: jacobian=autograd, weight_grad=autograd, check=every, inplace=False, cache_weight=False,
-eval_output=apply, precision=off, skip_zero_product=False, contiguous tensors. Each switch alone, and all defaults together, must reproduce
-it (float32 at the paper's tolerance, float64 at near machine precision), and both must match an independent
-oracle: the fixed point of the paper's map (rebuilt from g and v in conftest) and the implicit-function-theorem
-gradient by a dense solve, dL/dp = sigma'(p*) (I - J^T)^{-1} dL/dy with J = diag(sigma'(p*)) A, where A is the
-explicit matrix of z -> W z (the convolution applied to every basis vector for conv layers).
+eval_output=apply, precision=off, skip_zero_product=False, contiguous tensors. Each switch alone, and all
+defaults together, must reproduce it (float32 at the paper's tolerance, float64 at near machine precision), and
+both must match an independent oracle: the fixed point of the paper's map (rebuilt from g and v in conftest) and
+the implicit-function-theorem gradient by a dense solve, dL/dp = sigma'(p*) (I - J^T)^{-1} dL/dy with
+J = diag(sigma'(p*)) A, where A is the explicit matrix of z -> W z (the convolution applied to every basis vector
+for conv layers).
 
 Other oracles: a hand-written float64 loop of the documented bfloat16 switch-over rule, saved-tensor counting
 (torch.autograd.graph.saved_tensors_hooks), uncached layers, no_grad evaluation, contiguous networks, and the
@@ -298,9 +299,9 @@ def test_skip_zero_product_same_iterates_one_product_fewer(oracle, kind: str, in
     for skip in (True, False):
         cfg = _solver(torch.float32, defaults=True, inplace=inplace, skip_zero_product=skip)
         layer = _layer(kind, "tanh", torch.float32, cfg, oracle)
-        calls = []
+        calls: list[int] = []
         matvec = layer.W.matvec
-        layer.W.matvec = lambda z, w=None, _m=matvec: calls.append(1) or _m(z, w)  # type: ignore[method-assign]
+        layer.W.matvec = lambda z, w=None, _m=matvec, _c=calls: _c.append(1) or _m(z, w)  # type: ignore
         runs[skip] = _run(layer, x, c, x_warm)
         products[skip] = len(calls)
     on, off = runs[True], runs[False]
