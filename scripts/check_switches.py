@@ -42,6 +42,14 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
 
 
 def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    bad = [a for a in args if a.startswith("-") or ("=" not in a and not a.startswith("~"))]
+    if bad:
+        print(f"[check] not a train.py override: {' '.join(bad)}; pass key=value overrides (see --help)",
+              file=sys.stderr)
+        return 2
     shared = DEFAULTS + args  # later overrides win
     out = ROOT / "logs" / "check_switches" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     fast = run("optimised", shared, out)
