@@ -449,7 +449,9 @@ class SolverConfig:
             the last block's v (``results/bench/cpu_train_output_last.txt``), over the 1e-3 we hold the default to.
         cache_weight: in evaluation, reuse W = g v / ||v|| while g and v are unchanged (pcDEQ).
         skip_zero_product: the first forward iteration from the zero start is sigma(x~) without computing W 0
-            (exactly 0): the same iterates, one product fewer per forward solve, and no zero tensor filled (pcDEQ).
+            (exactly 0): the same iterates, one product fewer per forward solve, and no zero tensor filled
+            (pcDEQ); for monDEQ, the first step of the Peaceman-Rachford backward with ``bwd_bias="prox"`` skips
+            its resolvent of 0.
         mondeq_w: how the convolutional monDEQ models apply W and W^T: "frequency" (per-frequency channel
             matrices, the spectra computed once per forward pass and shared with the resolvent; equal up to
             rounding) or "spatial" (circular convolutions, the plain path). The fully connected model has

@@ -19,6 +19,8 @@ dataset's shape, normalised as its protocol says), with the optimizer of its pro
   iteration in both directions). Training counts forward + backward iterations, evaluation forward ones.
 * ``--plain``: the same pcDEQ model with every performance switch at its plain value beside the default ("best")
   path; ratios plain/best (for monDEQ: W applied spatially instead of in the frequency domain).
+* ``--switch KEY=VALUE`` (repeatable): the default path with these solver settings changed beside it, e.g.
+  ``--switch skip_zero_product=false``: one optimisation's effect, interleaved; ratios switched/best.
 * ``--reference PATH``: the authors' pcDEQ implementation, imported at runtime from a checkout at PATH (nothing
   is copied), with our weights copied into it; the fixed points and gradients of one training batch are
   compared first. Ratios ref/ours.
@@ -29,14 +31,15 @@ dataset's shape, normalised as its protocol says), with the optimizer of its pro
   optimizer); the second epochs' wall times, interleaved, and Lightning's overhead as a percentage.
 
 Usage:
-    python scripts/bench.py [--archs all|pcdeq|mondeq|NAME,...] [--plain] [--reference PATH] [--memory]
-        [--epoch] [--device cpu|cuda] [--repeats N] [--warmup N] [--threads N] [--quick] [--json PATH]
+    python scripts/bench.py [--archs all|pcdeq|mondeq|NAME,...] [--plain] [--switch KEY=VALUE] [--reference PATH]
+        [--memory] [--epoch] [--device cpu|cuda] [--repeats N] [--warmup N] [--threads N] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
 import json
@@ -72,9 +75,11 @@ from torch import nn  # noqa: E402
 
 from pcdeq.activations import get_activation  # noqa: E402
 from pcdeq.datasets import get_spec  # noqa: E402
+from pcdeq.errors import ConfigError  # noqa: E402
 from pcdeq.family import build_net, get_family  # noqa: E402
 from pcdeq.layer import PcDEQLayer  # noqa: E402
 from pcdeq.perf import plain_model_options, plain_solver  # noqa: E402
+from pcdeq.solvers import SolverConfig  # noqa: E402
 from pcdeq.training.config import datamodule_from_config, solver_config  # noqa: E402
 from pcdeq.training.optim import build_optimizer  # noqa: E402
 
@@ -689,6 +694,10 @@ def bench_arch(arch: Arch, args: argparse.Namespace, device: torch.device,
         plain = our_variant("plain", build_ours(setup, plain=True).to(device), setup)
         plain.model.load_state_dict(best.model.state_dict())
         variants.append(plain)
+    if args.switch:
+        switched = our_variant("switched", build_ours(setup, **args.switch).to(device), setup)
+        switched.model.load_state_dict(best.model.state_dict())
+        variants.append(switched)
     check = None
     if networks is not None and arch.family == "pcdeq":
         ref, check = reference_variant(networks, setup, best)
@@ -709,6 +718,8 @@ def bench_arch(arch: Arch, args: argparse.Namespace, device: torch.device,
         "variants": {v.name: variant_summary(v, setup.batch) for v in variants},
         "floor": floor_summary(unit, floor_times, best), "notes": notes,
         "plain_vs_best": ratios(by_name["plain"], best) if "plain" in by_name else None,
+        "switch": dict(args.switch) or None,
+        "switched_vs_best": ratios(by_name["switched"], best) if "switched" in by_name else None,
         "reference": None,
     }
     if "reference" in by_name:
@@ -983,6 +994,16 @@ def report(results: dict[str, Any]) -> str:
         out.append(table("Plain switches vs best (ratio of medians; median of paired ratios)",
                          ["arch", "plain train ms", "best train ms", "plain/best", "paired", "plain eval ms",
                           "best eval ms", "plain/best", "paired"], rows))
+    rows = [[name, r["variants"]["switched"]["train_ms"], r["variants"]["best"]["train_ms"], p["train_ratio"],
+             p["train_ratio_paired"], r["variants"]["switched"]["eval_ms"], r["variants"]["best"]["eval_ms"],
+             p["eval_ratio"], p["eval_ratio_paired"], iters_cell(r["variants"]["switched"]["fwd_iters"],
+                                                                r["variants"]["switched"]["bwd_iters"])]
+            for name, r in archs.items() if (p := r.get("switched_vs_best"))]
+    if rows:
+        changes = " ".join(f"{k}={v}" for k, v in next(r["switch"] for r in archs.values() if r.get("switch")).items())
+        out.append(table(f"Switched ({changes}) vs best (ratio of medians; median of paired ratios)",
+                         ["arch", "switched train ms", "best train ms", "switched/best", "paired",
+                          "switched eval ms", "best eval ms", "switched/best", "paired", "iters f/b"], rows))
     rows = []
     for name, r in archs.items():
         if not (c := r["reference"]):
@@ -1082,6 +1103,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--archs", default="all", help="all, none, pcdeq, mondeq or comma-separated names: "
                                                    + ", ".join(ARCHS))
     p.add_argument("--plain", action="store_true", help="also time pcDEQ with every switch at its plain value")
+    p.add_argument("--switch", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time the default path with this solver setting changed (repeatable), e.g. "
+                        "skip_zero_product=false")
     p.add_argument("--reference", type=Path, help="checkout of the authors' pcDEQ code: time it beside ours")
     p.add_argument("--memory", action="store_true", help="implicit vs unrolled backward memory, forced iterations")
     p.add_argument("--memory-arch", default=MEMORY_ARCH, choices=[a for a in ARCHS if a.startswith("pcdeq")])
@@ -1104,7 +1128,41 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.repeats, args.warmup = args.repeats or 1, args.warmup or 1
     if args.warmup is not None and args.warmup < 1:
         p.error("--warmup must be at least 1")
+    try:
+        args.switch = parse_switches(args.switch)
+    except ValueError as err:
+        p.error(str(err))
     return args
+
+
+def parse_switches(items: Sequence[str]) -> dict[str, Any]:
+    """``--switch KEY=VALUE`` items as SolverConfig changes (true/false, numbers, strings), checked against it.
+
+    Raises:
+        ValueError: an item without "=", a key that is not a solver setting, or a value it rejects.
+    """
+    fields = {f.name for f in dataclasses.fields(SolverConfig)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("solver.")
+        if not sep or key not in fields:
+            raise ValueError(f"--switch {item!r}: expected KEY=VALUE with KEY a solver setting "
+                             f"(e.g. skip_zero_product=false); valid keys: {', '.join(sorted(fields))}")
+        value: Any = {"true": True, "false": False}.get(raw.strip().lower(), raw.strip())
+        if isinstance(value, str):
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
+        changes[key] = value
+    try:
+        dataclasses.replace(SolverConfig(), **changes)
+    except ConfigError as err:
+        raise ValueError(f"--switch: {err}") from None
+    return changes
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -100,3 +100,30 @@ def test_memory_and_epoch(bench: ModuleType, tmp_path: Path) -> None:
     assert all(0 <= p["peak_rss_growth_mb"] < 500 for p in mem["implicit"] + mem["unrolled"])
     epoch = res["epoch"]["pcdeq_linear_mnist"]
     assert epoch["batches"] == 2 and epoch["epoch_s"] > 0 and epoch["bare_epoch_s"] > 0 and epoch["steps_s"] > 0
+
+
+def test_switch_variant_times_one_setting_beside_the_default(bench: ModuleType, tmp_path: Path) -> None:
+    res = run(bench, tmp_path, "--archs", "pcdeq_conv_mnist", "--switch", "skip_zero_product=false")
+    r = res["archs"]["pcdeq_conv_mnist"]
+    assert r["switch"] == {"skip_zero_product": False}
+    switched, best = r["variants"]["switched"], r["variants"]["best"]
+    # the switch is exact: the same iterates, so the same iteration counts on the same weights and batch
+    assert (switched["fwd_iters"], switched["bwd_iters"]) == (best["fwd_iters"], best["bwd_iters"])
+    s = r["switched_vs_best"]
+    assert s["train_ratio"] == pytest.approx(switched["train_ms"] / best["train_ms"])
+    assert r["plain_vs_best"] is None
+
+
+@pytest.mark.parametrize("item,message", [("nope=1", "valid keys"), ("fwd_tol", "KEY=VALUE"),
+                                          ("check=sometimes", "valid choices: prior")])
+def test_switch_rejects_what_is_not_a_solver_setting(bench: ModuleType, item: str, message: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--switch", item])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_switch_values_are_typed(bench: ModuleType) -> None:
+    changes = bench.parse_switches(["solver.inplace=false", "check_every=3", "fwd_tol=1e-3", "check=periodic"])
+    assert changes == {"inplace": False, "check_every": 3, "fwd_tol": 1e-3, "check": "periodic"}

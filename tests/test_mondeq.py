@@ -422,3 +422,42 @@ def test_authors_backward_iterates_follow_their_update_rule():
     u_half = 2 * z1[0]  # u after step 1 is 0
     u = 2 * (u_half @ M.T) - u_half
     torch.testing.assert_close(z2[0], j[0] * (u + 0.5 * g[0]))
+
+
+def test_backward_skips_the_resolvent_of_zero_with_the_same_iterates():
+    # The authors' backward starts from z = u = 0, so its first resolvent is applied to 0 and gives 0 (it is linear):
+    # skip_zero_resolvent drops that application; iterates, residual history and solution are identical.
+    from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
+
+    torch.manual_seed(0)
+    g = [torch.randn(2, 5, dtype=torch.float64)]
+    j = [(torch.rand(2, 5) > 0.4).double()]
+    M = torch.randn(5, 5, dtype=torch.float64) * 0.1  # ||M|| < 1: I - M strongly monotone
+    alpha = 0.5
+    V = torch.linalg.inv(torch.eye(5, dtype=torch.float64) + alpha * (torch.eye(5, dtype=torch.float64) - M))
+    runs = {}
+    for skip in (False, True):
+        calls: list[int] = []
+        problem = SplittingProblem(linear=lambda u: [u[0] @ M],
+                                   resolvent=lambda r, _c=calls: _c.append(1) or [r[0] @ V],
+                                   prox=lambda w: [w[0] * j[0]], bias=g, bias_in_prox=True,
+                                   skip_zero_resolvent=skip)
+        z, stats = peaceman_rachford(problem, alpha, tol=1e-12, max_iter=500)
+        runs[skip] = (z[0], stats, len(calls))
+    (z_off, s_off, n_off), (z_on, s_on, n_on) = runs[False], runs[True]
+    assert torch.equal(z_on, z_off) and s_on.iters == s_off.iters and s_on.history == s_off.history
+    assert s_on.converged and n_off - n_on == 1
+
+
+@pytest.mark.parametrize("arch", ["fc", "conv"])
+def test_model_gradients_unchanged_by_the_zero_resolvent_skip(arch: str):
+    grads = {}
+    for skip in (False, True):
+        model = tiny_model(arch, alpha=0.5, tol=1e-6, seed=5, bwd_bias="prox", skip_zero_product=skip)
+        torch.manual_seed(6)
+        x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+        model(x).square().sum().backward()
+        grads[skip] = [p.grad.clone() for p in model.parameters()]
+        assert model.last_stats["backward"].iters > 1
+    for a, b in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(a, b)

@@ -53,6 +53,8 @@ class SplittingProblem:
             reach the same fixed point of the same problem when prox is linear (the implicit backward, where it
             is multiplication by the 0/1 relu derivative); the authors' backward does this, so its iterates and
             iteration counts are theirs.
+        skip_zero_resolvent: with ``bias_in_prox``, Peaceman-Rachford's first step from z = u = 0 applies the
+            resolvent to 0, which is 0 (it is linear): skip it, the same iterates with one resolvent fewer.
     """
 
     linear: Callable[[Tiers], Tiers]
@@ -60,6 +62,7 @@ class SplittingProblem:
     prox: Callable[[Tiers], Tiers]
     bias: Tiers
     bias_in_prox: bool = False
+    skip_zero_resolvent: bool = False
 
 
 def _iterate(step: Callable[[Any], tuple[Any, Tiers]], state: Any, z: Tiers, tol: float, max_iter: int,
@@ -138,8 +141,16 @@ def peaceman_rachford(problem: SplittingProblem, alpha: float, *, tol: float = 1
         return [2 * zh - uh if zh.data_ptr() == uh.data_ptr() else uh.neg_().add_(zh, alpha=2)
                 for zh, uh in zip(z_half, u_half, strict=True)]
 
+    z0 = [torch.zeros_like(bi) for bi in problem.bias]
+    skip_first = problem.bias_in_prox and problem.skip_zero_resolvent
+
     def step(state: tuple[Tiers, Tiers]) -> tuple[tuple[Tiers, Tiers], Tiers]:
         z, u = state
+        if skip_first and z is z0 and u is z0:
+            # from z = u = 0: u_half = 0, its resolvent 0, the reflection 0; only the prox of alpha b is left
+            # (u stays the zero start, which is never written)
+            z = problem.prox(ab)
+            return (z, z0), z
         u_half = [zi.mul(2).sub_(ui) for zi, ui in zip(z, u, strict=True)]  # 2 z - u
         if problem.bias_in_prox:
             z_half = resolvent(u_half)
@@ -151,7 +162,6 @@ def peaceman_rachford(problem: SplittingProblem, alpha: float, *, tol: float = 1
             z = problem.prox(u)
         return (z, u), z
 
-    z0 = [torch.zeros_like(bi) for bi in problem.bias]
     return _iterate(step, (z0, z0), z0, tol, max_iter, stop_mode)
 
 
@@ -238,6 +248,7 @@ class _ImplicitGrad(torch.autograd.Function):
                 prox=lambda w: [wi * ji for wi, ji in zip(w, spec.active, strict=True)],
                 bias=g,
                 bias_in_prox=spec.solver.bwd_bias == "prox",
+                skip_zero_resolvent=spec.solver.skip_zero_product,
             )
             cfg = spec.solver
             solve = get_solver(cfg.bwd_solver, kind="splitting")
