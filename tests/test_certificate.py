@@ -265,3 +265,25 @@ def test_uncertified_batch_is_counted(make_layer, oracle) -> None:
     layer.last_fixed_point = (torch.full((3, 6), 1e-6, dtype=torch.float64), oracle.acts["tanh"].inject(x))
     cert = convergence_certificate(layer)
     assert cert["cw_bound_max"] > 1 and cert["cw_uncertified"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_zero_jacobian_bound_is_zero(make_layer, kind: str) -> None:
+    # W = 0 gives J = 0 (rho = 0): every power step has max(J u) = 0, which must give a bound of exactly 0, not 0/0
+    layer = make_layer(4, kind, "tanh")
+    with torch.no_grad():
+        layer.W.g.zero_()
+    x = torch.rand(3, 4) if kind == "dense" else torch.rand(3, 4, 5, 5)
+    z, x_inj = _solve(layer, x.to(layer.W.g.dtype))
+    bound = collatz_wielandt_bound(layer, z, x_inj)
+    assert bound.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_conv_bound_same_in_channels_last(make_layer) -> None:
+    # the per-sample maxima reduce over the non-batch dims in place: the memory layout must not change the bound
+    layer = make_layer(4, "conv", "tanh")
+    z, x_inj = _solve(layer, torch.rand(3, 4, 6, 6, dtype=layer.W.g.dtype))
+    last = [t.contiguous(memory_format=torch.channels_last) for t in (z, x_inj)]
+    assert not last[0].is_contiguous()
+    torch.testing.assert_close(collatz_wielandt_bound(layer, *last), collatz_wielandt_bound(layer, z, x_inj),
+                               rtol=1e-12, atol=0)
