@@ -592,11 +592,19 @@ def solve_in_precision(run: PhaseRunner, f: FixedPointMap, f_low: FixedPointMap,
 
 def _last_solves(model: torch.nn.Module, direction: str) -> list[SolverStats]:
     """The ``last_stats[direction]`` of every equilibrium module in ``model``, in module order."""
-    found = []
+    return _solves_by_direction(model).get(direction, [])
+
+
+def _solves_by_direction(model: torch.nn.Module) -> dict[str, list[SolverStats]]:
+    """``{direction: [SolverStats, ...]}`` over the equilibrium modules of ``model`` in module order, one walk."""
+    found: dict[str, list[SolverStats]] = {}
     for mod in model.modules():
-        last = getattr(mod, "last_stats", None)
-        if isinstance(last, dict) and isinstance(last.get(direction), SolverStats):
-            found.append(last[direction])
+        # vars(): a plain attribute; getattr on a module without it raises inside nn.Module.__getattr__ (slow)
+        last = vars(mod).get("last_stats")
+        if isinstance(last, dict):
+            for direction, stats in last.items():
+                if isinstance(stats, SolverStats):
+                    found.setdefault(direction, []).append(stats)
     return found
 
 
@@ -608,9 +616,9 @@ def residual_histories(model: torch.nn.Module, direction: str = "forward") -> li
 def collect_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Summarise the last solves of every equilibrium layer in ``model``.
 
-    Convention shared by all model families: an equilibrium module keeps ``last_stats``, a dict with
-    ``"forward"`` (set by its forward pass) and ``"backward"`` (set by its implicit backward) mapping to a
-    :class:`SolverStats`. Iterations are averaged over layers (a multi-block network reports the mean
+    Convention shared by all model families: an equilibrium module keeps ``last_stats`` (an instance attribute),
+    a dict with ``"forward"`` (set by its forward pass) and ``"backward"`` (set by its implicit backward) mapping
+    to a :class:`SolverStats`. Iterations are averaged over layers (a multi-block network reports the mean
     solve length and the max over layers); residuals are maxed; non-converged counts are summed.
 
     Returns:
@@ -618,8 +626,9 @@ def collect_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
         n_not_converged, nonfinite, contraction; a direction without any solve is omitted.
     """
     out: dict[str, dict[str, float]] = {}
+    solves = _solves_by_direction(model)
     for key in ("forward", "backward"):
-        items = _last_solves(model, key)
+        items = solves.get(key)
         if not items:
             continue
         out[key] = {

@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the checkout's pcdeq, whatever the environment has installed
     sys.path.insert(0, str(ROOT))
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -907,13 +908,50 @@ def bare_epochs(cfg: DictConfig, device: torch.device) -> list[float]:
     return times
 
 
+class MinimalModule(L.LightningModule):
+    """The least a LightningModule does per batch: forward, loss, backward, optimizer step, projection.
+
+    Its epoch against the bare loop is Lightning's own per-batch cost; the training module's epoch against its
+    epoch is what the training module adds (figures, certificate, checkpoints, scheduler).
+    """
+
+    def __init__(self, net: nn.Module, optim_cfg: Any) -> None:
+        super().__init__()
+        self.net, self.optim_cfg = net, optim_cfg
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.net.project_()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.net.parameters(), self.optim_cfg)
+
+
+def minimal_lightning_epochs(cfg: DictConfig, device: torch.device) -> EpochClock:
+    """The same two epochs through a bare Trainer (no callbacks, logger or checkpoints) and :class:`MinimalModule`."""
+    from pcdeq.training.pipeline import build_run
+
+    run = build_run(cfg)  # the same seeding, weights and batches as the other two
+    clock = EpochClock()
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=2,
+                        limit_train_batches=cfg.trainer.limit_train_batches, logger=False, callbacks=[clock],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(MinimalModule(run.module.net, run.module.config["optim"]),
+                train_dataloaders=run.datamodule.train_dataloader())
+    return clock
+
+
 def bench_epoch(arch: Arch, args: argparse.Namespace, bare_step_ms: float, device: torch.device) -> dict[str, Any]:
     """Lightning's per-epoch overhead: the second of two epochs through the training stack against the second of
     the same two epochs as a bare loop (same weights, batches and optimizer, so the iteration counts grow alike),
     interleaved, medians over the repetitions."""
     n = 2 if args.quick else arch.epoch_batches
     reps = 1 if args.quick else 3
-    lightning_s, in_batch_s, bare_s = [], [], []
+    lightning_s, in_batch_s, bare_s, minimal_s = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, quiet_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = _epoch_config(arch, args, n, tmp)
@@ -922,13 +960,20 @@ def bench_epoch(arch: Arch, args: argparse.Namespace, bare_step_ms: float, devic
             lightning_s.append(clock.end - clock.epoch_starts[-1])
             in_batch_s.append(clock.batch_time[-1])
             bare_s.append(bare_epochs(cfg, device)[-1])
-    epoch_s, bare = statistics.median(lightning_s), statistics.median(bare_s)
+            minimal = minimal_lightning_epochs(cfg, device)
+            minimal_s.append(minimal.end - minimal.epoch_starts[-1])
+    epoch_s, bare, floor = statistics.median(lightning_s), statistics.median(bare_s), statistics.median(minimal_s)
     return {"batches": n, "repeats": reps, "epoch_s": epoch_s, "bare_epoch_s": bare,
             "in_batch_s": statistics.median(in_batch_s), "overhead_pct": (epoch_s / bare - 1) * 100,
+            "minimal_epoch_s": floor, "lightning_floor_pct": (floor / bare - 1) * 100,
+            "module_pct": (epoch_s / floor - 1) * 100,
             "steps_s": n * bare_step_ms / 1e3, "bare_step_ms": bare_step_ms,
             "train_fwd_iters": metrics.get("train/fwd_iters"), "train_bwd_iters": metrics.get("train/bwd_iters"),
             "measures": "the second of two epochs through Lightning (callback: epoch start to the end of training, "
                         "checkpoint included) against the second of the same two epochs as a bare loop; "
+                        "minimal_epoch_s: the same epoch through a bare Trainer and a minimal LightningModule "
+                        "(lightning_floor_pct: Lightning's own cost over the bare loop; module_pct: what the "
+                        "training stack adds over that); "
                         "steps_s: batches x the fixed-batch step's median (iterations do not grow there)"}
 
 
@@ -1020,12 +1065,14 @@ def report(results: dict[str, Any]) -> str:
     if results.get("memory"):
         out.append(memory_table(results["memory"]))
     if results.get("epoch"):
-        rows = [[name, e["batches"], e["epoch_s"], e["bare_epoch_s"], e["overhead_pct"], e["in_batch_s"],
-                 e["steps_s"], iters_cell(e["train_fwd_iters"], e["train_bwd_iters"])]
+        rows = [[name, e["batches"], e["epoch_s"], e["bare_epoch_s"], e["overhead_pct"], e["minimal_epoch_s"],
+                 e["lightning_floor_pct"], e["module_pct"], e["in_batch_s"], e["steps_s"],
+                 iters_cell(e["train_fwd_iters"], e["train_bwd_iters"])]
                 for name, e in results["epoch"].items()]
-        out.append(table("Lightning epoch vs the same epoch as a bare loop (second of two; medians)",
-                         ["arch", "batches", "epoch s", "bare s", "overhead %", "in-batch s", "fixed-step sum s",
-                          "iters f/b"], rows))
+        out.append(table("Lightning epoch vs the same epoch as a bare loop and through a minimal LightningModule "
+                         "(second of two; medians)",
+                         ["arch", "batches", "epoch s", "bare s", "overhead %", "minimal s", "Lightning %",
+                          "module %", "in-batch s", "fixed-step sum s", "iters f/b"], rows))
     grouped: dict[str, list[str]] = {}
     for name, r in archs.items():
         for note in r["notes"]:

@@ -100,6 +100,9 @@ def test_memory_and_epoch(bench: ModuleType, tmp_path: Path) -> None:
     assert all(0 <= p["peak_rss_growth_mb"] < 500 for p in mem["implicit"] + mem["unrolled"])
     epoch = res["epoch"]["pcdeq_linear_mnist"]
     assert epoch["batches"] == 2 and epoch["epoch_s"] > 0 and epoch["bare_epoch_s"] > 0 and epoch["steps_s"] > 0
+    assert epoch["minimal_epoch_s"] > 0
+    assert epoch["lightning_floor_pct"] == pytest.approx((epoch["minimal_epoch_s"] / epoch["bare_epoch_s"] - 1) * 100)
+    assert epoch["module_pct"] == pytest.approx((epoch["epoch_s"] / epoch["minimal_epoch_s"] - 1) * 100)
 
 
 def test_switch_variant_times_one_setting_beside_the_default(bench: ModuleType, tmp_path: Path) -> None:

@@ -55,13 +55,18 @@ def test_epoch_aggregate_matches_hand_computation() -> None:
         mean.update({"c": 1.0})
 
 
-def test_epoch_aggregate_add_commit_equals_update() -> None:
-    # add() (host floats, device tensors) then commit() gives what update() gives batch by batch
+@pytest.mark.parametrize("fold_every", [1024, 3])
+def test_epoch_aggregate_add_commit_equals_update(monkeypatch, fold_every: int) -> None:
+    # add() (host floats, device tensors kept and folded later; with fold_every=3 also folded mid-epoch) then
+    # commit() gives what update() gives batch by batch
+    monkeypatch.setattr("pcdeq.training.metrics.FOLD_EVERY", fold_every)
     rng = torch.Generator().manual_seed(0)
     for reduce in ("mean", "max", "sum"):
         fast, slow = EpochAggregate(["t", "f"], reduce), EpochAggregate(["t", "f"], reduce)
         for k in range(7):
             batch = {"t": torch.rand((), generator=rng, dtype=torch.float32), "f": float(k % 3) - 0.5}
+            if k == 2:
+                batch["t"] = batch["t"].reshape(1)  # a one-element tensor counts as its value
             if k == 4:
                 batch["f"] = math.inf  # skipped on both paths
             fast.add(batch, weight=10 + k)
