@@ -78,6 +78,8 @@ def test_epoch_aggregate_add_commit_equals_update(monkeypatch, fold_every: int) 
         assert math.isnan(fast.peek("f"))
     with pytest.raises(KeyError, match="not one of"):
         EpochAggregate(["a"], "sum").add({"c": 1.0})
+    with pytest.raises(ValueError, match="one number per batch"):  # caught when added, not at the epoch's end
+        EpochAggregate(["a"], "sum").add({"a": torch.ones(2)})
 
 
 def test_third_party_messages_are_silenced_exactly(caplog) -> None:

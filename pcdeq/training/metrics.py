@@ -68,6 +68,8 @@ class EpochAggregate(Metric):
             if name not in self.index:
                 raise KeyError(f"{name!r} is not one of this aggregate's figures: {', '.join(self.names)}")
             if isinstance(v, Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"{name!r} must be one number per batch, got a tensor of shape {tuple(v.shape)}")
                 kept, weights = self._kept.setdefault(name, ([], []))
                 kept.append(v.detach())
                 weights.append(weight)
@@ -99,7 +101,7 @@ class EpochAggregate(Metric):
     def _fold(self) -> None:
         """Fold the kept tensor values into the pending aggregates: a few vectorised operations per name."""
         for name, (kept, weights) in self._kept.items():
-            try:  # one stack for same-shaped values (the usual 0-d loss and accuracy)
+            try:  # one stack for same-shaped values (the usual 0-d loss and accuracy; add() admits one element each)
                 x = torch.stack(kept).reshape(-1).to(torch.float64)
             except RuntimeError:  # mixed shapes (0-d and one-element)
                 x = torch.stack([t.reshape(()).to(torch.float64) for t in kept])
