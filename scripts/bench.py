@@ -881,7 +881,8 @@ def lightning_epochs(cfg: DictConfig) -> tuple[EpochClock, dict[str, float]]:
 
 
 def bare_epochs(cfg: DictConfig, device: torch.device) -> list[float]:
-    """The same two epochs as a plain loop: the same network, seed, data order and optimizer, nothing else.
+    """The same two epochs as a plain loop: the same network, seed, data order, optimizer and the family's per-batch
+    hook (monDEQ's alpha tuning), nothing else.
 
     Returns:
         The wall time of each epoch (s).
@@ -897,8 +898,10 @@ def bare_epochs(cfg: DictConfig, device: torch.device) -> list[float]:
     for _ in range(2):
         synchronize(device)
         t0 = time.perf_counter()
-        for x, y in loader:
-            loss = F.cross_entropy(net(x.to(device)), y.to(device))
+        for i, (x, y) in enumerate(loader):
+            x = x.to(device)
+            net.on_train_batch_start(x, i, len(loader))  # e.g. monDEQ's alpha tuning, as in the other two
+            loss = F.cross_entropy(net(x), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -909,15 +912,21 @@ def bare_epochs(cfg: DictConfig, device: torch.device) -> list[float]:
 
 
 class MinimalModule(L.LightningModule):
-    """The least a LightningModule does per batch: forward, loss, backward, optimizer step, projection.
+    """The least a LightningModule does per batch: the family's batch hook, forward, loss, backward, optimizer step,
+    projection.
 
     Its epoch against the bare loop is Lightning's own per-batch cost; the training module's epoch against its
     epoch is what the training module adds (figures, certificate, checkpoints, scheduler).
     """
 
-    def __init__(self, net: nn.Module, optim_cfg: Any) -> None:
+    def __init__(self, net: Any, optim_cfg: Any) -> None:  # net: an EquilibriumNet (an nn.Module)
         super().__init__()
-        self.net, self.optim_cfg = net, optim_cfg
+        self.net: Any = net
+        self.optim_cfg = optim_cfg
+
+    def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        # the family's per-batch hook is part of its training algorithm (monDEQ retunes alpha), not overhead
+        self.net.on_train_batch_start(batch[0], batch_idx, int(self.trainer.num_training_batches))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
