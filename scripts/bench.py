@@ -959,7 +959,7 @@ def bench_epoch(arch: Arch, args: argparse.Namespace, bare_step_ms: float, devic
     the same two epochs as a bare loop (same weights, batches and optimizer, so the iteration counts grow alike),
     interleaved, medians over the repetitions."""
     n = 2 if args.quick else arch.epoch_batches
-    reps = 1 if args.quick else 3
+    reps = 1 if args.quick else args.epoch_repeats
     lightning_s, in_batch_s, bare_s, minimal_s = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, quiet_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1168,6 +1168,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--epoch", action="store_true", help="Lightning epoch overhead")
     p.add_argument("--epoch-archs", default=",".join(EPOCH_ARCHS),
                    help="architectures of the --epoch run (those also benchmarked in this run)")
+    p.add_argument("--epoch-repeats", type=int, default=3,
+                   help="interleaved repetitions of the three --epoch runs (medians; --quick: 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, help="timed repetitions (default: per architecture)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps, at least 1 (default: per architecture)")
@@ -1184,6 +1186,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.repeats, args.warmup = args.repeats or 1, args.warmup or 1
     if args.warmup is not None and args.warmup < 1:
         p.error("--warmup must be at least 1")
+    if args.epoch_repeats < 1:
+        p.error("--epoch-repeats must be at least 1")
     try:
         args.switch = parse_switches(args.switch)
     except ValueError as err:

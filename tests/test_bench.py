@@ -130,3 +130,13 @@ def test_switch_rejects_what_is_not_a_solver_setting(bench: ModuleType, item: st
 def test_switch_values_are_typed(bench: ModuleType) -> None:
     changes = bench.parse_switches(["solver.inplace=false", "check_every=3", "fwd_tol=1e-3", "check=periodic"])
     assert changes == {"inplace": False, "check_every": 3, "fwd_tol": 1e-3, "check": "periodic"}
+
+
+@pytest.mark.parametrize("argv,message", [(["--epoch-repeats", "0"], "--epoch-repeats must be at least 1"),
+                                          (["--warmup", "0"], "--warmup must be at least 1")])
+def test_bad_repetition_counts_exit_2(bench: ModuleType, argv: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
