@@ -956,8 +956,8 @@ def minimal_lightning_epochs(cfg: DictConfig, device: torch.device) -> EpochCloc
 
 def bench_epoch(arch: Arch, args: argparse.Namespace, bare_step_ms: float, device: torch.device) -> dict[str, Any]:
     """Lightning's per-epoch overhead: the second of two epochs through the training stack against the second of
-    the same two epochs as a bare loop (same weights, batches and optimizer, so the iteration counts grow alike),
-    interleaved, medians over the repetitions."""
+    the same two epochs as a bare loop and through a minimal LightningModule (same weights, batches, optimizer and
+    batch hook, so the iteration counts grow alike), interleaved, medians over the repetitions."""
     n = 2 if args.quick else arch.epoch_batches
     reps = 1 if args.quick else args.epoch_repeats
     lightning_s, in_batch_s, bare_s, minimal_s = [], [], [], []

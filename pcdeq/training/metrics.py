@@ -79,13 +79,8 @@ class EpochAggregate(Metric):
             if not math.isfinite(v):
                 continue
             old = pending.get(name)
-            if reduce == "max":
-                new = v if old is None else (max(old, v) if not isinstance(old, Tensor) else self._merge(old, v))
-            else:
-                new = v * weight if reduce == "mean" else v
-                if old is not None:
-                    new = self._merge(old, new)
-            pending[name] = new
+            new = v * weight if reduce == "mean" else v
+            pending[name] = new if old is None else self._merge(old, new)
             counts[name] = counts.get(name, 0.0) + weight
         if self._n_kept >= FOLD_EVERY:
             self._fold()
