@@ -58,7 +58,7 @@ tables: $(STAMP)
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m pcdeq.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache
