@@ -45,6 +45,8 @@ def test_quick_run_writes_every_figure(bench: ModuleType, tmp_path: Path) -> Non
             assert v["bwd_iters"] == v["solver_stats_train"]["backward"]["iters"]
             assert v["eval_fwd_iters"] == v["solver_stats_eval"]["forward"]["iters"]
             assert v["fwd_iters"] >= 1 and v["bwd_iters"] >= 1
+            # host syncs of one step: at least one residual check per solve, forward and backward
+            assert v["syncs_train"] >= 2 and v["syncs_eval"] >= 1
         floor = r["floor"]
         assert all(u > 0 for u in floor["unit_ms_per_block"]) and floor["train_ratio"] > 0
         p = r["plain_vs_best"]

@@ -38,11 +38,13 @@ def steps_table(archs: dict[str, Any], device: str) -> str:
         b = r["variants"]["best"]
         mem = b["peak_cuda_mb"] if b.get("peak_cuda_mb") is not None else b["saved_for_backward_mb"]
         rows.append([name, r["batch"], r["repeats"], b["train_ms"], b["eval_ms"], iters_cell(b["fwd_iters"],
-                     b["bwd_iters"]), b["eval_fwd_iters"], b["train_samples_per_s"], b["eval_samples_per_s"], mem])
+                     b["bwd_iters"]), b["eval_fwd_iters"], iters_cell(b.get("syncs_train"), b.get("syncs_eval")),
+                     b["train_samples_per_s"], b["eval_samples_per_s"], mem])
     mem_label = "peak MB" if device.startswith("cuda") else "saved MB"
-    return table("Steps (default path; medians; iterations f/b of the training step, f of evaluation)",
-                 ["arch", "batch", "reps", "train ms", "eval ms", "iters f/b", "eval f", "train sps", "eval sps",
-                  mem_label], rows)
+    return table("Steps (default path; medians; iterations f/b of the training step, f of evaluation; host syncs "
+                 "of one training / evaluation step)",
+                 ["arch", "batch", "reps", "train ms", "eval ms", "iters f/b", "eval f", "syncs t/e", "train sps",
+                  "eval sps", mem_label], rows)
 
 
 def floor_table(archs: dict[str, Any]) -> str:

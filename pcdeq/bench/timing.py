@@ -7,6 +7,7 @@
 * figures are medians; the variants of one architecture run interleaved, in an order that rotates every repetition.
 * iterations: forward and backward solver iterations of the last timed training step (per equilibrium block),
   forward iterations of the last evaluation step.
+* host syncs: one extra untimed training and evaluation step under :class:`pcdeq.bench.syncs.SyncCounter`.
 * memory of the first training step: the peak bytes autograd holds for backward (:mod:`pcdeq.bench.saved`); on
   CUDA also ``torch.cuda.max_memory_allocated``.
 """
@@ -26,6 +27,7 @@ from torch import nn
 
 from pcdeq.bench.saved import SavedTensorMeter
 from pcdeq.bench.setup import Setup
+from pcdeq.bench.syncs import SyncCounter
 from pcdeq.training.optim import build_optimizer
 
 Tensor = torch.Tensor
@@ -130,6 +132,22 @@ class Variant:
         if hasattr(self.model, "solver_stats"):
             self.stats["solver_stats_eval"] = self.model.solver_stats()
 
+    def count_syncs(self) -> None:
+        """Host syncs of one training and one evaluation step (:mod:`pcdeq.bench.syncs`), untimed: counting slows
+        every operation. Evaluation runs under no_grad here (the dispatch mode does not see inference tensors).
+        The state is restored before and after, so the timed steps start where they would have."""
+        self.restore()
+        with SyncCounter() as train:
+            self.train_step()
+        self.restore()
+        self.model.eval()
+        with torch.set_grad_enabled(self.grad_eval), SyncCounter() as evaluation:
+            F.cross_entropy(self.model(self.x), self.y)
+        self.model.train()
+        self.restore()
+        self.stats["syncs_train"], self.stats["syncs_eval"] = train.total, evaluation.total
+        self.stats["syncs_train_ops"], self.stats["syncs_eval_ops"] = dict(train.counts), dict(evaluation.counts)
+
 
 def our_variant(name: str, model: Any, setup: Setup) -> Variant:
     """A variant of our network with the protocol's optimizer (torch's per-tensor loop for the plain path)."""
@@ -165,6 +183,7 @@ def time_training(variants: list[Variant], floor_ops: list[Callable[[], Any]], r
         for _ in range(warmup - 1):
             v.restore()
             v.train_step()
+        v.count_syncs()
     for op in floor_ops:
         op()
     floor_times: list[list[float]] = [[] for _ in floor_ops]
