@@ -10,7 +10,9 @@ What each mode measures is in its module: :mod:`pcdeq.bench.setup` (architecture
 * ``--plain``: the same pcDEQ model with every performance switch at its plain value beside the default ("best")
   path; ratios plain/best (for monDEQ: W applied spatially instead of in the frequency domain).
 * ``--switch KEY=VALUE`` (repeatable): the default path with these solver settings changed beside it, e.g.
-  ``--switch skip_zero_product=false``: one optimisation's effect, interleaved; ratios switched/best.
+  ``--switch skip_zero_product=false``: one optimisation's effect, interleaved; ratios switched/best;
+  ``--switch model.channels_last=false`` for a model option.
+* ``--tf32``: TensorFloat-32 for the whole run (compare its JSON with one without).
 * ``--reference PATH``: the authors' pcDEQ implementation from a checkout at PATH; ratios ref/ours.
 * ``--memory``: implicit vs unrolled backward memory at forced iteration counts, one fresh process per point.
 * ``--epoch``: the second of two epochs through Lightning against a bare loop and a minimal LightningModule.
@@ -44,11 +46,14 @@ from pcdeq.bench.reference import import_reference
 from pcdeq.bench.report import finite, report
 from pcdeq.bench.setup import ARCHS, ROOT, progress, select_archs
 from pcdeq.errors import ConfigError
+from pcdeq.perf import PLAIN
 from pcdeq.solvers import SolverConfig
+from pcdeq.training.device import apply_tf32
 
 DEFAULT_JSON = ROOT / "results" / "bench" / "bench.json"
 MEMORY_ARCH = "pcdeq_multiconv_mnist"
 EPOCH_ARCHS = ("pcdeq_linear_mnist", "pcdeq_multiconv_mnist", "mondeq_fc_mnist")
+MODEL_SWITCHES = tuple(k for k in PLAIN if k.startswith("model."))  # e.g. model.channels_last
 
 
 def git_commit() -> str | None:
@@ -80,7 +85,7 @@ def meta(args: argparse.Namespace, argv: Sequence[str], device: torch.device) ->
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"command": "python -m pcdeq.bench " + shlex.join(argv), "git_commit": git_commit(),
             "torch": torch.__version__, "device": str(device), "device_name": name, "threads": args.threads,
-            "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
+            "tf32": args.tf32, "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
@@ -105,6 +110,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--epoch-repeats", type=int, default=3,
                    help="interleaved repetitions of the three --epoch runs (medians; --quick: 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--tf32", action="store_true", help="TensorFloat-32 products and convolutions for the whole run "
+                                                        "(CUDA; compare with a run without it)")
     p.add_argument("--repeats", type=int, help="timed repetitions (default: per architecture)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps, at least 1 (default: per architecture)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -130,7 +137,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def parse_switches(items: Sequence[str]) -> dict[str, Any]:
-    """``--switch KEY=VALUE`` items as SolverConfig changes (true/false, numbers, strings), checked against it.
+    """``--switch KEY=VALUE`` items as SolverConfig changes (true/false, numbers, strings), checked against it;
+    ``model.KEY=VALUE`` for a model performance option (one of :data:`pcdeq.perf.PLAIN`'s ``model.*`` keys).
 
     Raises:
         ValueError: an item without "=", a key that is not a solver setting, or a value it rejects.
@@ -140,6 +148,9 @@ def parse_switches(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().removeprefix("solver.")
+        if sep and key in MODEL_SWITCHES:
+            changes[key] = {"true": True, "false": False}.get(raw.strip().lower(), raw.strip())
+            continue
         if not sep or key not in fields:
             raise ValueError(f"--switch {item!r}: expected KEY=VALUE with KEY a solver setting "
                              f"(e.g. skip_zero_product=false); valid keys: {', '.join(sorted(fields))}")
@@ -153,7 +164,7 @@ def parse_switches(items: Sequence[str]) -> dict[str, Any]:
                     pass
         changes[key] = value
     try:
-        dataclasses.replace(SolverConfig(), **changes)
+        dataclasses.replace(SolverConfig(), **{k: v for k, v in changes.items() if k not in MODEL_SWITCHES})
     except ConfigError as err:
         raise ValueError(f"--switch: {err}") from None
     return changes
@@ -165,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA GPU is visible here; use --device cpu", file=sys.stderr)
+        raise SystemExit(2)
+    apply_tf32(args.tf32)
     if device.type == "cpu":  # as our CPU runs do (pcdeq.training.pipeline.make_trainer) and the reference's script,
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # which never imports Lightning, does: no NVML probes
     if args.memory_point:

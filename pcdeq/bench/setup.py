@@ -153,8 +153,11 @@ def make_setup(arch: Arch, args: argparse.Namespace, device: torch.device) -> Se
     return Setup(arch, config, x.to(device), y.to(device))
 
 
-def build_ours(setup: Setup, plain: bool = False, **solver_changes: Any) -> Any:
+def build_ours(setup: Setup, plain: bool = False, **changes: Any) -> Any:
     """Our network as the training stack builds it from the config; ``plain``: every switch at its plain value.
+
+    ``changes``: solver settings, and model options as ``model.<option>`` (applied where the family has the option,
+    e.g. ``model.channels_last`` for pcDEQ).
 
     Returns:
         An nn.Module that is an :class:`pcdeq.family.EquilibriumNet` (typed Any: both contracts are used).
@@ -166,7 +169,9 @@ def build_ours(setup: Setup, plain: bool = False, **solver_changes: Any) -> Any:
     if plain:
         solver = plain_solver(solver)
         options.update({k: v for k, v in plain_model_options().items() if k in options})
-    solver = replace(solver, **solver_changes)
+    model_changes = {k.removeprefix("model."): v for k, v in changes.items() if k.startswith("model.")}
+    options.update({k: v for k, v in model_changes.items() if k in options})
+    solver = replace(solver, **{k: v for k, v in changes.items() if not k.startswith("model.")})
     torch.manual_seed(0)
     net = build_net(family.name, model["arch"], setup.config["dataset"]["name"], channels=model["channels"],
                     solver=solver, **options)
