@@ -366,6 +366,7 @@ def register_solver(name: str, fn: SolverFn, kind: str = "map") -> None:
         fn: the solver. Kind "map": ``fn(f, z0, *, tol, max_iter, stop_mode)`` as :func:`fixed_point_iter`;
             kind "splitting": ``fn(problem, alpha, *, tol, max_iter, stop_mode)`` as monDEQ's
             :func:`pcdeq.mondeq.splitting.peaceman_rachford`.
+            kind "ode": ``fn(func, y0, *, solver)`` as the Neural ODE family's :func:`pcdeq.node.solve.ode_solver`.
         kind: the problem the solver takes; a model family runs solvers of one kind.
     """
     SOLVERS[name] = fn
@@ -528,7 +529,8 @@ class SolverConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < upper):
                 bound = "in (0, 1)" if upper == 1.0 else "> 0"
-                raise ConfigError(f"solver.{key}={value!r}: out of range; valid: a number {bound}, e.g. solver.{key}=1e-3")
+                raise ConfigError(f"solver.{key}={value!r}: out of range; valid: a number {bound}, "
+                                  f"e.g. solver.{key}=1e-3")
         steps: Any = self.ode_max_num_steps
         if isinstance(steps, float) and steps.is_integer():
             self.ode_max_num_steps = steps = int(steps)

@@ -19,7 +19,7 @@ from pcdeq.errors import ConfigError
 from pcdeq.family import build_net
 from pcdeq.node import ConvODEFunc, NeuralODE, build_node, solve_ode
 from pcdeq.node.odefunc import with_time
-from pcdeq.solvers import SolverConfig, SolverStats
+from pcdeq.solvers import SolverConfig, SolverStats, get_solver
 from pcdeq.training.config import net_from_config
 from pcdeq.training.validate import validate_overrides, validate_train
 from tests.test_config import CONF, compose_train, resolved
@@ -99,6 +99,15 @@ def test_linear_ode_matches_the_matrix_exponential(method: str) -> None:
         loose = solve_ode(field, y0, SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq"),
                           stats.__setitem__)
     assert (loose - exact).abs().max() < 1e-2
+
+
+def test_the_registered_ode_solver_returns_the_solution_and_its_stats() -> None:
+    a, y0 = _linear_problem(5)
+    field = LinearField(a)
+    with torch.no_grad():
+        y1, stats = get_solver("torchdiffeq", kind="ode")(field, y0, solver=TIGHT)
+    assert torch.allclose(y1, y0 @ torch.linalg.matrix_exp(a).T, atol=1e-6)
+    assert stats.converged and stats.iters == field.evaluations
 
 
 def test_time_enters_every_convolution_as_a_channel() -> None:

@@ -100,7 +100,7 @@ class _TrackedSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run: OdeRun, y0: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, run: OdeRun, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.enable_grad():
             start = y0.detach().requires_grad_(y0.requires_grad)
             y1 = run.forward(start, adjoint=run.solver.ode_adjoint)
@@ -108,7 +108,7 @@ class _TrackedSolve(torch.autograd.Function):
         return y1.detach()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         run, start, y1 = ctx.run, ctx.start, ctx.y1
         wants_y0 = start.requires_grad
         inputs = ([start] if wants_y0 else []) + list(ctx.params)
@@ -150,4 +150,19 @@ def solve_ode(func: ConvODEFunc, y0: Tensor, solver: SolverConfig, record: Recor
     return _TrackedSolve.apply(run, y0, *params)
 
 
-register_solver("torchdiffeq", solve_ode, kind="ode")
+def ode_solver(func: ConvODEFunc, y0: Tensor, *, solver: SolverConfig,
+               record: Recorder | None = None) -> tuple[Tensor, SolverStats]:
+    """:func:`solve_ode` in the registry's ``(solution, stats)`` form: y(1) and the forward solve's statistics
+    (``record``, if given, receives every record, the backward's included)."""
+    seen: dict[str, SolverStats] = {}
+
+    def keep(direction: str, stats: SolverStats) -> None:
+        seen[direction] = stats
+        if record is not None:
+            record(direction, stats)
+
+    y1 = solve_ode(func, y0, solver, keep)
+    return y1, seen["forward"]
+
+
+register_solver("torchdiffeq", ode_solver, kind="ode")
