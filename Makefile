@@ -15,20 +15,10 @@ GPU_CHECK_ARGS ?=
 
 .PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables bench gpu-check
 
-help:
-	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
-	@echo "make test        the test suite (fast tests, 9-10 min on 2 idle cores)"
-	@echo "make test-slow   only the tests marked slow"
-	@echo "make lint        ruff and mypy"
-	@echo "make install     create $(VENV) and install pcdeq in editable mode (idempotent)"
-	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu] [EXTRA=trainer=gpu]"
-	@echo "                 train what the tables need (skipping what is done), then aggregate"
-	@echo "make tables [PROFILE=full|smoke]   aggregate the existing runs into tables and plots, no training"
-	@echo "make bench [BENCH_ARGS='--plain --reference PATH --memory --epoch --archs pcdeq --device cuda ...']"
-	@echo "                 step times of every paper architecture vs its compute floor; table + results/bench/bench.json"
-	@echo "make gpu-check [DEVICE=cuda|cpu] [GPU_CHECK_ARGS='--reference PATH --data-dir DIR']"
-	@echo "                 the prepared GPU check (< 8 min): device tests, benchmarks, switches, one epoch per"
-	@echo "                 MNIST architecture; results/bench/gpu_*.txt (DEVICE=cpu: a quick dry run, logs/gpu_check/)"
+# `make help` lists every target that carries a `## ` comment on its rule line (the one source of truth).
+help: ## this list
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)$$/\1\t\2/' | \
+		awk -F '\t' '{ printf "make %-17s %s\n", $$1, $$2 }'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,37 +26,37 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,sweep,tables]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) ## create .venv and install pcdeq in editable mode (idempotent)
 
-demo: $(STAMP)
+demo: $(STAMP) ## train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) ## the fast test suite (tests not marked slow)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) ## only the tests marked slow
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow
 
-test-all: $(STAMP)
+test-all: $(STAMP) ## every test, slow ones included
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m ''
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check pcdeq tests scripts train.py eval.py
 	$(BIN)/mypy
 
-reproduce-tables: $(STAMP)
+reproduce-tables: $(STAMP) ## train what the tables need, then aggregate [TABLES=mnist,tolerance LAUNCHER=basic|joblib|slurm PROFILE=full|smoke TAG=cpu EXTRA=trainer=gpu]
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m pcdeq.reproduce --tables $(TABLES) --profile $(PROFILE) \
 		--launcher $(LAUNCHER) $(if $(TAG),--tag $(TAG)) $(if $(EXTRA),--extra "$(EXTRA)")
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
-tables: $(STAMP)
+tables: $(STAMP) ## aggregate the existing runs into tables and plots, no training [PROFILE=full|smoke]
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
-bench: $(STAMP)
+bench: $(STAMP) ## step times of every paper architecture vs its compute floor; results/bench/bench.json [BENCH_ARGS='--plain --memory --epoch ...']
 	$(BIN)/python -m pcdeq.bench $(BENCH_ARGS)
 
-gpu-check: $(STAMP)
+gpu-check: $(STAMP) ## the prepared GPU check: device tests, benchmarks, one epoch per MNIST architecture [DEVICE=cuda|cpu GPU_CHECK_ARGS=...]
 	$(BIN)/python -m pcdeq.bench.gpu_check --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--quick) $(GPU_CHECK_ARGS)
 
-clean:
+clean: ## remove logs, outputs, multirun and the pytest cache
 	rm -rf logs outputs multirun .pytest_cache
