@@ -18,7 +18,7 @@ from torchvision import datasets
 
 from pcdeq.certificate import collatz_wielandt_bound
 from pcdeq.layer import PcDEQLayer
-from pcdeq.training.checkpoint import load_module
+from pcdeq.training.module import EquilibriumModule
 
 
 def dense_jacobians(layer: PcDEQLayer, z: torch.Tensor, x_inj: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    module = load_module(args.ckpt).eval()
+    module = EquilibriumModule.from_checkpoint(args.ckpt).eval()
     layers = [m for m in module.net.modules() if isinstance(m, PcDEQLayer)]
     if len(layers) != 1 or layers[0].W.kind != "dense":
         raise SystemExit("a linear pcDEQ checkpoint is needed (one dense pcDEQ layer)")

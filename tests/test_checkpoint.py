@@ -19,11 +19,11 @@ from pcdeq.training.checkpoint import (
     VERSION_KEY,
     AtomicCheckpointIO,
     check_resume_checkpoint,
-    load_module,
     read_checkpoint,
 )
+from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.pipeline import evaluate, resolve_config, train
-from tests.test_config import CONF, compose_train
+from tests.helpers import CONF, compose_train
 
 TINY = ["model=pcdeq_linear", "model.channels=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
         "trainer.limit_test_batches=1", "test_every_epoch=false", "logger=none", "num_threads=1"]
@@ -85,7 +85,7 @@ def test_trainer_writes_checkpoints_atomically_and_loadable_with_weights_only(tr
     ckpt = torch.load(trained, weights_only=True)  # plain values only: safe loading works
     assert ckpt[VERSION_KEY] == CHECKPOINT_VERSION and ckpt["hyper_parameters"]["config"]["model"]["arch"] == "linear"
     assert not [p for p in trained.parent.iterdir() if p.name.endswith(".tmp")]
-    module = load_module(trained)
+    module = EquilibriumModule.from_checkpoint(trained)
     assert module.net.describe()["activation"] == "tanh"
 
 
@@ -115,7 +115,7 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
         read_checkpoint(path)
     torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
     with pytest.raises(CheckpointError, match="is not a pcdeq training checkpoint"):
-        load_module(path)
+        EquilibriumModule.from_checkpoint(path)
 
 
 def test_checkpoint_of_a_newer_pcdeq(tmp_path: Path, trained: Path) -> None:
@@ -124,7 +124,7 @@ def test_checkpoint_of_a_newer_pcdeq(tmp_path: Path, trained: Path) -> None:
     torch.save(ckpt, tmp_path / "new.ckpt")
     newer = f"was written by a newer pcdeq (checkpoint version {CHECKPOINT_VERSION + 1}; this one reads up to "
     with pytest.raises(CheckpointError, match=re.escape(newer + f"{CHECKPOINT_VERSION})")):
-        load_module(tmp_path / "new.ckpt")
+        EquilibriumModule.from_checkpoint(tmp_path / "new.ckpt")
 
 
 def test_checkpoint_whose_parameters_do_not_fit_its_config(tmp_path: Path, trained: Path) -> None:
@@ -133,7 +133,7 @@ def test_checkpoint_whose_parameters_do_not_fit_its_config(tmp_path: Path, train
     torch.save(ckpt, tmp_path / "odd.ckpt")
     with pytest.raises(CheckpointError, match=r"does not fit the network of its config: parameters \d+ of another "
                                               r"shape \(e.g. [\w.]+: checkpoint \[\d+(, \d+)*\], network"):
-        load_module(tmp_path / "odd.ckpt")
+        EquilibriumModule.from_checkpoint(tmp_path / "odd.ckpt")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

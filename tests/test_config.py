@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from pcdeq.family import get_family
 from pcdeq.solvers import solver_kind
 from pcdeq.training.config import net_from_config
+from tests.helpers import CONF, compose_train, resolved
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 DATASETS = ["digits", "mnist", "svhn", "cifar10", "cifar10_aug"]
 
 # The reference implementation's protocol per dataset: epochs, milestone, weight decay (lr 5e-4, batch 64).
@@ -27,17 +27,6 @@ PCDEQ_SIZES = {
     ("pcdeq_multiconv", "cifar10"): [20, 50, 80],
     ("pcdeq_multiconv", "cifar10_aug"): [100, 120, 140],
 }
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def resolved(cfg, *keys: str) -> dict:
-    """Resolve selected sub-trees (paths.output_dir needs a running Hydra job, the rest does not)."""
-    return {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True) if OmegaConf.is_config(
-        OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k) for k in keys}
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

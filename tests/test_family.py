@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import pcdeq
 from pcdeq.family import FAMILIES, EquilibriumNet, build_net, get_family
 from pcdeq.solvers import SolverConfig
-from tests.test_config import CONF, compose_train
+from tests.helpers import CONF, compose_train
 
 FAMILY_ARCHS = [(f.name, arch) for f in FAMILIES.values() for arch in f.archs]
 

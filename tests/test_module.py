@@ -10,7 +10,7 @@ import torch
 
 from pcdeq.training.metrics import EpochAggregate
 from pcdeq.training.pipeline import build_run, fit_and_test
-from tests.test_config import compose_train
+from tests.helpers import compose_train
 
 TINY = {"pcdeq_linear": "8", "pcdeq_conv": "4", "pcdeq_multiconv": "[3,4,5]", "mondeq_fc": "8", "mondeq_conv": "3",
         "mondeq_multitier": "[2,3,4]"}

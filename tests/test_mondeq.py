@@ -16,33 +16,7 @@ from pcdeq.mondeq import build_mondeq, tune_alpha
 from pcdeq.mondeq.circular import cconv, cconv_t, down, down_t, freq_apply, kernel_spectrum
 from pcdeq.mondeq.splitting import SplittingProblem, forward_backward, peaceman_rachford
 from pcdeq.solvers import SolverConfig, collect_stats
-
-TINY = {"fc": 6, "conv": 3, "multitier": (2, 3, 4)}
-
-
-def splitting(solver: str = "peaceman_rachford", alpha: float = 1.0, tol: float = 1e-2, max_iter: int = 300,
-              **kw) -> SolverConfig:
-    """monDEQ solver settings, the same forward and backward (as the authors)."""
-    return SolverConfig(fwd_solver=solver, bwd_solver=solver, alpha=alpha, fwd_tol=tol, bwd_tol=tol,
-                        fwd_max_iter=max_iter, bwd_max_iter=max_iter, **{"stop_mode": "batch", **kw})
-
-
-def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, m: float = 1.0,
-               **solver_kw) -> torch.nn.Module:
-    """A small digits model with randomised scalars (so g, gn, h != 1 are exercised too).
-
-    The scalars are drawn as logarithms (positive_scalars=True), so they stay positive whatever the draw.
-    """
-    torch.manual_seed(seed)
-    model = build_mondeq(arch, "digits", channels=TINY[arch], m=m, positive_scalars=True,
-                         solver=splitting(**solver_kw)).to(dtype)
-    op = model.operator
-    with torch.no_grad():
-        for name in ("g_param", "h_param", "gn_param"):
-            p = getattr(op, name, None)
-            if p is not None:
-                p.uniform_(-0.5, 0.5)
-    return model
+from tests.helpers import splitting, tiny_model
 
 
 def dense(apply, shapes) -> torch.Tensor:

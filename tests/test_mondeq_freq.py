@@ -14,7 +14,7 @@ from pcdeq.errors import ConfigError
 from pcdeq.mondeq import ConvTiersMonotone, build_mondeq
 from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
 from pcdeq.solvers import SolverConfig
-from tests.test_mondeq import splitting, tiny_model
+from tests.helpers import splitting, tiny_model
 
 # (channels, tier-0 grid): odd and even sizes, square and not; multi-tier grids (10, 14) -> (6, 8) -> (4, 5)
 OPERATORS = [((3,), (10, 10)), ((3,), (7, 9)), ((2,), (9, 8)), ((4,), (8, 7)),

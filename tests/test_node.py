@@ -22,7 +22,7 @@ from pcdeq.node.odefunc import with_time
 from pcdeq.solvers import SolverConfig, SolverStats, get_solver
 from pcdeq.training.config import net_from_config
 from pcdeq.training.validate import validate_overrides, validate_train
-from tests.test_config import CONF, compose_train, resolved
+from tests.helpers import CONF, compose_train, resolved
 
 TIGHT = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-9, ode_atol=1e-10)
 

@@ -12,7 +12,7 @@ import torch
 from pcdeq.results import SCHEMA_VERSION, atomic_write_json, read_results, write_results
 from pcdeq.training.config import net_from_config
 from pcdeq.training.optim import OneCycle, build_optimizer, build_scheduler
-from tests.test_config import compose_train, resolved
+from tests.helpers import compose_train, resolved
 
 # (model, dataset) -> (parameters, lr, schedule name, step size or max lr, epochs), from the monDEQ paper.
 MONDEQ = {

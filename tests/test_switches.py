@@ -782,7 +782,7 @@ def test_plain_overrides_compose_into_a_plain_run() -> None:
     from pcdeq.models import PcDEQNet
     from pcdeq.perf import PLAIN, plain_overrides
     from pcdeq.training.config import net_from_config
-    from tests.test_config import compose_train, resolved
+    from tests.helpers import compose_train, resolved
 
     cfg = compose_train("model=pcdeq_conv", "dataset=mnist", *plain_overrides())
     net = net_from_config(resolved(cfg, "model", "dataset", "solver"))

@@ -26,7 +26,7 @@ from pcdeq.training.validate import (
     validate_overrides,
     validate_train,
 )
-from tests.test_config import CONF, compose_train
+from tests.helpers import CONF, compose_train
 
 RULES = {**schema_rules(TRAIN_GROUPS), **schema_rules(EVAL_GROUPS)}
 # The key classes the startup check must cover (the list); each must have a declared rule.

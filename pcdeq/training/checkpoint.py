@@ -7,7 +7,8 @@
   holding objects a safe load refuses, is one :class:`~pcdeq.errors.CheckpointError`.
 * :func:`checkpoint_config`, :func:`check_matches`, :func:`check_state_dict`: the run config saved in a
   checkpoint (a checkpoint written by a newer pcdeq is refused), and whether family, architecture, dataset, size
-  and parameters fit the config that loads it (``ckpt_path=`` of train.py, eval.py).
+  and parameters fit the config that loads it (``ckpt_path=`` of train.py, eval.py). The Lightning module of a
+  checkpoint is rebuilt by :meth:`pcdeq.training.module.EquilibriumModule.from_checkpoint`, which uses them.
 * :func:`resume_if_requeued`: a Slurm job requeued by submitit (preemption, time limit) starts again with the
   same config in the same run directory; it resumes from that directory's ``checkpoints/last.ckpt``, the
   checkpoint written at the end of the last finished epoch, so it ends with the figures of an uninterrupted run.
@@ -31,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from pcdeq.errors import CheckpointError
 from pcdeq.family import get_family
 from pcdeq.results import atomic_write, read_results
+from pcdeq.training.config import net_from_config
 
 log = logging.getLogger("pcdeq")
 
@@ -177,35 +179,19 @@ def check_state_dict(state: Mapping[str, Any], expected: Mapping[str, Any], path
                           f"{', '.join(parts)}; fix: pass a checkpoint written for this model by this pcdeq")
 
 
-def _net_state(state: Mapping[str, Any]) -> dict[str, Any]:
+def net_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The network's entries of a Lightning state dict, without their ``net.`` prefix."""
     return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
 
 
 def check_resume_checkpoint(config: Mapping[str, Any]) -> None:
     """The checkpoint of ``ckpt_path`` can be read and was written for the network ``config`` describes."""
-    from pcdeq.training.config import net_from_config
-
     path = config["ckpt_path"]
     ckpt = read_checkpoint(path)
     check_matches(checkpoint_config(ckpt, path), config, path)
     net = net_from_config(config)
     assert isinstance(net, torch.nn.Module)
-    check_state_dict(_net_state(ckpt["state_dict"]), net.state_dict(), path)
-
-
-def load_module(path: str | os.PathLike[str]):
-    """The Lightning module of a checkpoint, rebuilt from its saved config (safe load, every check above)."""
-    from pcdeq.training.module import EquilibriumModule
-
-    ckpt = read_checkpoint(path)
-    config = checkpoint_config(ckpt, path)
-    hparams = ckpt["hyper_parameters"]
-    module = EquilibriumModule(config, tuple(hparams.get("eval_prefixes", ("val",))),
-                               int(hparams.get("certificate_every_n_steps", 20)))
-    assert isinstance(module.net, torch.nn.Module)
-    check_state_dict(_net_state(ckpt["state_dict"]), module.net.state_dict(), path)
-    module.load_state_dict(ckpt["state_dict"])
-    return module
+    check_state_dict(net_state(ckpt["state_dict"]), net.state_dict(), path)
 
 
 # ---------------------------------------------------------------- preemption

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 
@@ -20,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq.family import CERTIFICATE_KEYS
-from pcdeq.training.checkpoint import CHECKPOINT_VERSION, VERSION_KEY
+from pcdeq.training.checkpoint import (
+    CHECKPOINT_VERSION,
+    VERSION_KEY,
+    check_state_dict,
+    checkpoint_config,
+    net_state,
+    read_checkpoint,
+)
 from pcdeq.training.config import net_from_config
 from pcdeq.training.metrics import EpochAggregate
 from pcdeq.training.optim import build_optimizer, build_scheduler
@@ -78,6 +86,20 @@ class EquilibriumModule(L.LightningModule):
             f"{p}_figures": nn.ModuleDict({r: EpochAggregate(n, r) for r, n in _figure_names(p, p == "train").items()})
             for p in prefixes
         })
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str]) -> EquilibriumModule:
+        """The module of a checkpoint, rebuilt from its saved config (safe load and every check of
+        :mod:`pcdeq.training.checkpoint`: a damaged, newer or mismatched file is one ``CheckpointError``)."""
+        ckpt = read_checkpoint(path)
+        config = checkpoint_config(ckpt, path)
+        hparams = ckpt["hyper_parameters"]
+        module = cls(config, tuple(hparams.get("eval_prefixes", ("val",))),
+                     int(hparams.get("certificate_every_n_steps", 20)))
+        assert isinstance(module.net, nn.Module)
+        check_state_dict(net_state(ckpt["state_dict"]), module.net.state_dict(), path)
+        module.load_state_dict(ckpt["state_dict"])
+        return module
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

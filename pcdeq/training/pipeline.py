@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
-from pcdeq.training.checkpoint import load_module, resumable_checkpoint, resume_from, trainer_plugins
+from pcdeq.training.checkpoint import resumable_checkpoint, resume_from, trainer_plugins
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.device import apply_tf32
@@ -362,7 +362,8 @@ def evaluate(cfg: DictConfig) -> dict:
     started = _now()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    module = load_module(ckpt)  # safe load; a damaged, newer or mismatched checkpoint is one message
+    # safe load; a damaged, newer or mismatched checkpoint is one message
+    module = EquilibriumModule.from_checkpoint(ckpt)
     config = dict(module.hparams["config"])
     solver_overrides = _solver_overrides(cfg)
     if solver_overrides:  # the same weights under other solver settings

@@ -34,12 +34,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError, OutputError, PcdeqUserError
 from pcdeq.solvers import SolverConfig
+from pcdeq.training.checkpoint import check_resume_checkpoint
+from pcdeq.training.config import net_from_config
 from pcdeq.training.device import check_devices
 from pcdeq.training.schema import (
     DatasetConfig,
@@ -270,9 +275,6 @@ def validate_overrides(argv: Sequence[str], task: str = "train", conf_dir: str |
     name one of the group's files (Hydra's own groups, ``hydra/...``, and runs that extend ``hydra.searchpath``
     are left to Hydra). Raises :class:`ConfigError` on the first bad value.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     rules = schema_rules(TRAIN_GROUPS if task == "train" else EVAL_GROUPS)
     groups: set[str] = set()
     if conf_dir is not None and not any(_override_key(a) == "hydra.searchpath" for a in argv):
@@ -328,8 +330,6 @@ def check_declared(config: Mapping, groups: Mapping[str, type]) -> None:
 
 def hydra_overrides() -> list[str] | None:
     """The command-line overrides of the running Hydra job (None outside one: library use)."""
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
@@ -431,9 +431,6 @@ def validate_train(config: Mapping, overrides: Sequence[str] | None = None) -> N
         overrides: the command-line overrides, when known: they tell a protocol shortened on purpose
             (``trainer.max_epochs=3``) from a schedule set past the end by mistake.
     """
-    from pcdeq.training.checkpoint import check_resume_checkpoint
-    from pcdeq.training.config import net_from_config
-
     check_declared(config, TRAIN_GROUPS)
     check_schedule(config, overrides)
     check_val_size(config)
