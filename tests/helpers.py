@@ -1,10 +1,15 @@
-"""Helpers shared by several test modules (composing the Hydra config, small monDEQ models).
+"""Helpers shared by several test modules (composing the Hydra config, small monDEQ models, the CLI in process).
 
 Test modules import these from here, never from one another, so that each test module stays independent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import runpy
+import sys
 from pathlib import Path
 
 import torch
@@ -56,3 +61,30 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, m: 
             if p is not None:
                 p.uniform_(-0.5, 0.5)
     return model
+
+
+def run_entry_point(script: Path, *argv: str) -> tuple[int, str]:
+    """Run ``python script argv...`` inside this process: the script's own ``__main__`` block, Hydra included.
+
+    The same code path as the command line without the cost of starting Python and importing torch again.
+    Returns the exit status and what went to stderr; the root logger's handlers that Hydra installs for the
+    job are removed again afterwards, so later tests do not log into this run's directory.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    old_argv, err = sys.argv[:], io.StringIO()
+    sys.argv = [str(script), *argv]
+    status = 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+    return status, err.getvalue()

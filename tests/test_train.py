@@ -1,4 +1,4 @@
-"""train.py / eval.py end to end, as a user runs them (subprocesses of the real CLI)."""
+"""train.py / eval.py end to end, as a user runs them (the real CLI: subprocesses, or the script run in process)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.helpers import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -157,19 +159,34 @@ BAD_INPUT = [
 ]
 
 
+# Cases that also go through a real `python train.py` process, one per place a user error is caught: before Hydra
+# starts (check_command_line), in a sweep, in Hydra's run-directory callback, and inside the run (run_cli). The
+# others run the same script in process (tests.helpers.run_entry_point), which saves a Python start each.
+REAL_CLI = {("model=nope",), ("-m", "optim.lr=1e-3,-1e-3"), ("hydra.run.dir={file}/run",),
+            ("dataset=mnist", "dataset.download=false", "paths.data_dir={mnist}")}
+
+
 @pytest.mark.parametrize(("overrides", "message"), BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
-def test_bad_input_gives_one_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_bad_input_gives_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
+                                           message: str) -> None:
     (tmp_path / "afile").write_text("a file, not a directory")
     if any("{mnist}" in o for o in overrides):
         _write_truncated_mnist(tmp_path / "mnist")
+    real_cli = tuple(overrides) in REAL_CLI
     overrides = [o.format(tmp=tmp_path / "empty", file=tmp_path / "afile", mnist=tmp_path / "mnist")
                  for o in overrides]
     run_dir = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = cli("train.py", *overrides, *run_dir, log_dir=tmp_path / "logs")
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(errors) == 1 and message in proc.stderr, proc.stderr[-3000:]  # one message (with its detail lines)
-    assert "Traceback" not in proc.stderr
+    if real_cli:
+        proc = cli("train.py", *overrides, *run_dir, log_dir=tmp_path / "logs")
+        status, stderr = proc.returncode, proc.stderr
+    else:
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        monkeypatch.setenv("PCDEQ_LOG_DIR", str(tmp_path / "logs"))
+        status, stderr = run_entry_point(ROOT / "train.py", *overrides, *run_dir)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert status == 2, stderr[-3000:]
+    assert len(errors) == 1 and message in stderr, stderr[-3000:]  # one message (with its detail lines)
+    assert "Traceback" not in stderr
     # no run directory claiming anything: at most Hydra's own record of the attempt (.hydra/, train.log)
     left = {p.name for p in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
     assert left <= {".hydra", "train.log"}
@@ -182,7 +199,7 @@ def test_eval_missing_checkpoint(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_eval_bad_checkpoints(tmp_path: Path) -> None:
+def test_eval_bad_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a truncated checkpoint, one written by a newer pcdeq, one whose parameters are of another architecture
     import torch
 
@@ -197,10 +214,12 @@ def test_eval_bad_checkpoints(tmp_path: Path) -> None:
     torch.save(ckpt, tmp_path / "other.ckpt")
     cases = {"truncated": "is truncated or damaged", "other": "does not fit the network of its config",
              "newer": "was written by a newer pcdeq (checkpoint version 99"}
-    for name, message in cases.items():
-        proc = cli("eval.py", f"ckpt_path={tmp_path / f'{name}.ckpt'}", f"hydra.run.dir={tmp_path / name}",
-                   log_dir=tmp_path)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    monkeypatch.setenv("PCDEQ_LOG_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for name, message in cases.items():  # eval.py in process (test_eval_missing_checkpoint runs it for real)
+        status, stderr = run_entry_point(ROOT / "eval.py", f"ckpt_path={tmp_path / f'{name}.ckpt'}",
+                                         f"hydra.run.dir={tmp_path / name}")
+        assert status == 2 and message in stderr and "Traceback" not in stderr, stderr
         assert not (tmp_path / name / "results.json").exists()
 
 

@@ -1,6 +1,7 @@
 """Startup validation (pcdeq.training.validate): every declared range, the rules between keys, the outputs.
 
-In process and fast; tests/test_train.py runs a battery of the same mistakes through the real command line.
+In process and fast; tests/test_train.py runs a battery of the same mistakes through the train.py entry point
+(a few of them in a real `python train.py` process).
 """
 
 from __future__ import annotations
