@@ -10,6 +10,9 @@ PROFILE  ?= full
 TAG      ?=
 EXTRA    ?=
 BENCH_ARGS ?=
+ROOT     ?=
+OUT      ?=
+AGG_ARGS ?=
 
 .PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables bench
 
@@ -22,6 +25,8 @@ help:
 	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu] [EXTRA=trainer=gpu]"
 	@echo "                 train what the tables need (skipping what is done), then aggregate"
 	@echo "make tables [PROFILE=full|smoke]   aggregate the existing runs into tables and plots, no training"
+	@echo "make tables ROOT=<dir> [OUT=<dir>] [AGG_ARGS='--group-by K --metric M --name N']"
+	@echo "                 tables of your own sweeps under <dir> (one row per configuration; docs/sweeps.md)"
 	@echo "make bench [BENCH_ARGS='--plain --reference PATH --memory --epoch --archs pcdeq --device cuda ...']"
 	@echo "                 step times of every paper architecture vs its compute floor; table + results/bench/bench.json"
 
@@ -55,7 +60,7 @@ reproduce-tables: $(STAMP)
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
 tables: $(STAMP)
-	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
+	$(BIN)/python -m pcdeq.aggregate $(if $(ROOT),--root $(ROOT) $(if $(OUT),--out $(OUT)),--profile $(PROFILE) --tables $(TABLES)) $(AGG_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
