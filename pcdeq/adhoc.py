@@ -119,7 +119,7 @@ def sort_key(column: Sequence[str]) -> pd.Series:
 def infer_keys(config: pd.DataFrame, overridden: Sequence[str]) -> list[str]:
     """The keys that vary between the rows of ``config`` (one run per row), redundant ones dropped."""
     varying = [k for k in config.columns if _is_configuration(k) and config[k].nunique(dropna=False) > 1]
-    ordered = [k for k in varying if k in overridden] + sorted(k for k in varying if k not in overridden)
+    ordered = sorted(k for k in varying if k in overridden) + sorted(k for k in varying if k not in overridden)
     kept: list[str] = []
     groups = 1
     for key in ordered:
