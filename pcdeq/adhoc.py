@@ -116,9 +116,20 @@ def sort_key(column: Sequence[str]) -> pd.Series:
                       for v in column], index=getattr(column, "index", None))
 
 
+def _is_location(column: pd.Series) -> bool:
+    """Whether every value is an absolute path: where a run wrote (its directory), not what it computed."""
+    present = [v for v in column if v != MISSING]
+    return bool(present) and all(v.startswith("/") for v in present)
+
+
 def infer_keys(config: pd.DataFrame, overridden: Sequence[str]) -> list[str]:
-    """The keys that vary between the rows of ``config`` (one run per row), redundant ones dropped."""
-    varying = [k for k in config.columns if _is_configuration(k) and config[k].nunique(dropna=False) > 1]
+    """The keys that vary between the rows of ``config`` (one run per row), redundant ones dropped.
+
+    A key the config derives from the run's own directory (every value an absolute path, e.g.
+    ``trainer.default_root_dir``) is not a configuration unless the user set it.
+    """
+    varying = [k for k in config.columns if _is_configuration(k) and config[k].nunique(dropna=False) > 1
+               and (k in overridden or not _is_location(config[k]))]
     ordered = sorted(k for k in varying if k in overridden) + sorted(k for k in varying if k not in overridden)
     kept: list[str] = []
     groups = 1

@@ -197,6 +197,7 @@ def test_inference_varying_nested_and_numeric_order() -> None:
         "optim.sched.warmup": ["0", "0", "5", "5"],      # restates the name: dropped
         "seed": ["0", "1", "0", "1"],                     # the sample, never a key
         "paths.output_dir": ["/a", "/b", "/c", "/d"],     # where it ran, never a key
+        "trainer.default_root_dir": ["/a", "/b", "/c", "/d"],  # a path derived from the run's directory
     })
     assert infer_keys(config, ["model.channels"]) == ["model.channels", "optim.sched.name"]
     assert list(sort_key(pd.Series(["10", "9", "1e-3"]))) == [(0, 10.0, ""), (0, 9.0, ""), (0, 1e-3, "")]
