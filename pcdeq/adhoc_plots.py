@@ -62,7 +62,8 @@ def plot_against_key(table: AdhocTable, key: str, figures: dict[str, tuple[str, 
         if spans_decades(list(frame[key])):
             ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel(f"{figures[column][0]} (mean ± std over seeds)")
+        key_name, scale = figures[column]
+        ax.set_ylabel(f"{key_name}{' in %' if scale == 100.0 else ''} (mean ± std over seeds)")
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize=7)
