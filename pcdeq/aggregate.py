@@ -219,9 +219,23 @@ def to_markdown(table: Table) -> str:
     for row in table.rows:
         cells = [row.label] + [_fmt(row.cells.get(c), c) for c in table.header[1:]]
         lines.append("| " + " | ".join(cells) + f" | {_marks(table, row)} |")
-    lines += ["", "Accuracy: mean ± sample standard deviation over seeds (n runs), last epoch. Iterations: per "
-              "training batch, last epoch. s / epoch: training time per epoch on the machine that ran it."]
+    lines += ["", _footnote(table)]
     return "\n".join(lines) + "\n"
+
+
+SPEC_FOOTNOTE = ("Accuracy: mean ± sample standard deviation over seeds (n runs), last epoch. Iterations: per "
+                 "training batch, last epoch. s / epoch: training time per epoch on the machine that ran it.")
+# what each column of an ad-hoc table means, said only when the table has the column
+COLUMN_NOTES = {"fwd_iters": "Iterations: per training batch, last epoch.",
+                "test_fwd_iters": "Test fwd iters: per test batch.",
+                "epoch_time": "s / epoch: training time per epoch on the machine that ran it."}
+
+
+def _footnote(table: Table) -> str:
+    if table.spec.kind != "adhoc":
+        return SPEC_FOOTNOTE
+    notes = ["Figures: mean ± sample standard deviation over seeds (n runs), final values of results.json."]
+    return " ".join(notes + [n for c, n in COLUMN_NOTES.items() if c in table.header])
 
 
 def _tex_escape(text: str) -> str:
