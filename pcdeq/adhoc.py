@@ -126,11 +126,13 @@ def infer_keys(config: pd.DataFrame, overridden: Sequence[str]) -> list[str]:
     """The keys that vary between the rows of ``config`` (one run per row), redundant ones dropped.
 
     A key the config derives from the run's own directory (every value an absolute path, e.g.
-    ``trainer.default_root_dir``) is not a configuration unless the user set it.
+    ``trainer.default_root_dir``) is not a configuration unless the user set it. ``overridden``: the keys the
+    user set on the command line, in their order; they come first.
     """
     varying = [k for k in config.columns if _is_configuration(k) and config[k].nunique(dropna=False) > 1
                and (k in overridden or not _is_location(config[k]))]
-    ordered = sorted(k for k in varying if k in overridden) + sorted(k for k in varying if k not in overridden)
+    # the user's own keys first, in the order they wrote them; then the ones the config groups imply
+    ordered = [k for k in overridden if k in varying] + sorted(k for k in varying if k not in overridden)
     kept: list[str] = []
     groups = 1
     for key in ordered:
@@ -168,13 +170,13 @@ def build_adhoc(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> 
     if group_by:
         check_keys(config, group_by)
     separating = pd.DataFrame([{k: str(r.get(k) or MISSING) for k in SEPARATE_BY} for r in runs])
-    overridden = {k for r in runs for k in _overridden(r)} | {f"solver.{k}" for r in runs
-                                                               for k in r.get("solver_overrides") or {}}
+    overridden = list(dict.fromkeys([*(k for r in runs for k in _overridden(r)),
+                                     *(f"solver.{k}" for r in runs for k in r.get("solver_overrides") or {})]))
     tables = []
     for values, part in separating.groupby(list(SEPARATE_BY), sort=True):
         idx = list(part.index)
         sub = config.loc[idx].reset_index(drop=True)
-        keys = list(group_by) if group_by else infer_keys(sub, sorted(overridden))
+        keys = list(group_by) if group_by else infer_keys(sub, overridden)
         table = AdhocTable(dict(zip(SEPARATE_BY, values, strict=True)), keys)
         if keys:
             sub = sub.reindex(columns=sorted(set(sub.columns) | set(keys)), fill_value=MISSING)

@@ -200,6 +200,8 @@ def test_inference_varying_nested_and_numeric_order() -> None:
         "trainer.default_root_dir": ["/a", "/b", "/c", "/d"],  # a path derived from the run's directory
     })
     assert infer_keys(config, ["model.channels"]) == ["model.channels", "optim.sched.name"]
+    # the user's keys come first, in the order they wrote them
+    assert infer_keys(config, ["optim.sched.name", "model.channels"]) == ["optim.sched.name", "model.channels"]
     assert list(sort_key(pd.Series(["10", "9", "1e-3"]))) == [(0, 10.0, ""), (0, 9.0, ""), (0, 1e-3, "")]
     order = config.sort_values(["model.channels"], key=sort_key)["model.channels"]
     assert list(order) == ["9", "9", "10", "10"]
