@@ -13,8 +13,10 @@ BENCH_ARGS ?=
 ROOT     ?=
 OUT      ?=
 AGG_ARGS ?=
+DEVICE  ?= cuda
+GPU_CHECK_ARGS ?=
 
-.PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables bench
+.PHONY: install demo test test-slow test-all lint clean help reproduce-tables tables bench gpu-check
 
 help:
 	@echo "make demo        train pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) on the embedded digits, print a table"
@@ -29,6 +31,9 @@ help:
 	@echo "                 tables of your own sweeps under <dir> (one row per configuration; docs/sweeps.md)"
 	@echo "make bench [BENCH_ARGS='--plain --reference PATH --memory --epoch --archs pcdeq --device cuda ...']"
 	@echo "                 step times of every paper architecture vs its compute floor; table + results/bench/bench.json"
+	@echo "make gpu-check [DEVICE=cuda|cpu] [GPU_CHECK_ARGS='--reference PATH --data-dir DIR']"
+	@echo "                 the prepared GPU check (< 8 min): device tests, benchmarks, switches, one epoch per"
+	@echo "                 MNIST architecture; results/bench/gpu_*.txt (DEVICE=cpu: a quick dry run, logs/gpu_check/)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,7 +68,10 @@ tables: $(STAMP)
 	$(BIN)/python -m pcdeq.aggregate $(if $(ROOT),--root $(ROOT) $(if $(OUT),--out $(OUT)),--profile $(PROFILE) --tables $(TABLES)) $(AGG_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m pcdeq.bench $(BENCH_ARGS)
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m pcdeq.bench.gpu_check --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--quick) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

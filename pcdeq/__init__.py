@@ -18,6 +18,7 @@ from pcdeq.family import FAMILIES, EquilibriumNet, Family, build_net, get_family
 from pcdeq.layer import NonnegWeight, PcDEQLayer
 from pcdeq.models import PAPER_SIZES, PcDEQNet, build_model, build_network
 from pcdeq.mondeq import MonDEQ, build_mondeq
+from pcdeq.node import NeuralODE, build_node
 from pcdeq.solvers import SOLVERS, SolverConfig, SolverStats, collect_stats, get_solver, register_solver
 
 __version__ = "0.2.0"
@@ -36,6 +37,7 @@ __all__ = [
     "EquilibriumNet",
     "Family",
     "MonDEQ",
+    "NeuralODE",
     "NonnegWeight",
     "OutputError",
     "PcDEQLayer",
@@ -45,6 +47,7 @@ __all__ = [
     "SolverStats",
     "build_model",
     "build_mondeq",
+    "build_node",
     "build_net",
     "build_network",
     "collatz_wielandt_bound",

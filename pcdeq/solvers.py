@@ -60,6 +60,8 @@ CHECKS = ("prior", "every", "periodic")
 PRECISIONS = ("off", "mixed", "bf16")
 EVAL_OUTPUTS = ("last", "apply")
 MONDEQ_WS = ("frequency", "spatial")
+# torchdiffeq's adaptive methods (the Neural ODE family; fixed-step methods would need a step size setting)
+ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 REL_EPS = 1e-5  # the reference's denominator guard ||z|| + 1e-5
 BF16_SWITCH = torch.finfo(torch.bfloat16).eps  # 2^-7: the relative step below which bfloat16 rounding dominates
 
@@ -364,6 +366,7 @@ def register_solver(name: str, fn: SolverFn, kind: str = "map") -> None:
         fn: the solver. Kind "map": ``fn(f, z0, *, tol, max_iter, stop_mode)`` as :func:`fixed_point_iter`;
             kind "splitting": ``fn(problem, alpha, *, tol, max_iter, stop_mode)`` as monDEQ's
             :func:`pcdeq.mondeq.splitting.peaceman_rachford`.
+            kind "ode": ``fn(func, y0, *, solver)`` as the Neural ODE family's :func:`pcdeq.node.solve.ode_solver`.
         kind: the problem the solver takes; a model family runs solvers of one kind.
     """
     SOLVERS[name] = fn
@@ -456,6 +459,14 @@ class SolverConfig:
             matrices, the spectra computed once per forward pass and shared with the resolvent; equal up to
             rounding) or "spatial" (circular convolutions, the plain path). The fully connected model has
             no frequency form and ignores it.
+
+    ODE solve (the Neural ODE family, :mod:`pcdeq.node`; the fixed-point families ignore these):
+        ode_method: torchdiffeq's adaptive method, one of :data:`ODE_METHODS` (the ANODE paper: dopri5).
+        ode_rtol / ode_atol: its relative and absolute error tolerances (> 0), forward and adjoint solve.
+        ode_adjoint: gradients by the adjoint ODE (memory independent of the steps; the ANODE paper) or, off,
+            by backpropagation through the solver's steps.
+        ode_max_num_steps: the cap on adaptive steps of each solve; a solve that reaches it is reported as not
+            converged.
     """
 
     # ``metadata["valid"]``: the range the training stack checks at startup (see pcdeq.training.validate)
@@ -482,6 +493,11 @@ class SolverConfig:
     cache_weight: bool = True
     skip_zero_product: bool = True
     mondeq_w: str = field(default="frequency", metadata={"choices": MONDEQ_WS, "example": "frequency"})
+    ode_method: str = field(default="dopri5", metadata={"choices": ODE_METHODS, "example": "dopri5"})
+    ode_rtol: float = field(default=1e-3, metadata={"valid": "(0, 1)", "example": "1e-3"})
+    ode_atol: float = field(default=1e-3, metadata={"valid": "(0, inf)", "example": "1e-3"})
+    ode_adjoint: bool = True
+    ode_max_num_steps: int = field(default=1000, metadata={"valid": "[1, inf)", "example": "1000"})
 
     def __post_init__(self) -> None:
         for which in ("fwd", "bwd"):
@@ -497,7 +513,7 @@ class SolverConfig:
             raise ConfigError(f"solver.alpha must be a positive finite number, got {self.alpha!r} (e.g. 1.0)")
         for key, choices in (("backward", BACKWARDS), ("jacobian", JACOBIANS), ("weight_grad", WEIGHT_GRADS),
                              ("check", CHECKS), ("precision", PRECISIONS), ("eval_output", EVAL_OUTPUTS),
-                             ("train_output", EVAL_OUTPUTS), ("mondeq_w", MONDEQ_WS)):
+                             ("train_output", EVAL_OUTPUTS), ("mondeq_w", MONDEQ_WS), ("ode_method", ODE_METHODS)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"unknown solver.{key} {getattr(self, key)!r}; valid choices: {', '.join(choices)}")
         every: Any = self.check_every  # a float from a config file, e.g. 2.0
@@ -505,6 +521,22 @@ class SolverConfig:
             self.check_every = int(every)
         if not (isinstance(self.check_every, int) and self.check_every >= 1):
             raise ConfigError(f"solver.check_every must be an integer >= 1, got {self.check_every!r} (e.g. 2)")
+        self._check_ode()
+
+    def _check_ode(self) -> None:
+        """The ODE keys (the same ranges as their declarations, for library use outside the training stack)."""
+        for key, upper in (("ode_rtol", 1.0), ("ode_atol", math.inf)):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < upper):
+                bound = "in (0, 1)" if upper == 1.0 else "> 0"
+                raise ConfigError(f"solver.{key}={value!r}: out of range; valid: a number {bound}, "
+                                  f"e.g. solver.{key}=1e-3")
+        steps: Any = self.ode_max_num_steps
+        if isinstance(steps, float) and steps.is_integer():
+            self.ode_max_num_steps = steps = int(steps)
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise ConfigError(f"solver.ode_max_num_steps={steps!r}: out of range; valid: an integer >= 1, "
+                              "e.g. solver.ode_max_num_steps=1000")
 
     def schedule(self, previous: int | None = None) -> CheckSchedule:
         """The residual-check schedule of one solve; ``previous``: the length of the last solve of its kind."""

@@ -1,17 +1,16 @@
-"""scripts/bench.py (`make bench`) in its quick mode: the JSON it writes, on small networks."""
+"""``python -m pcdeq.bench`` (`make bench`) in its quick mode: the JSON it writes, on small networks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from pcdeq.bench import cli
+
 # tiny networks: a tenth of the paper's widths, batch 8, one repetition
 SMALL = ["--quick", "--width-scale", "0.1", "--batch", "8", "--threads", "1"]
 STEP_FIELDS = {"train_ms", "eval_ms", "train_samples_per_s", "eval_samples_per_s", "fwd_iters", "bwd_iters",
@@ -20,12 +19,7 @@ STEP_FIELDS = {"train_ms", "eval_ms", "train_samples_per_s", "eval_samples_per_s
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pcdeq_bench_script", ROOT / "scripts" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return cli
 
 
 def run(bench: ModuleType, tmp_path: Path, *args: str) -> dict:
@@ -38,7 +32,7 @@ def run(bench: ModuleType, tmp_path: Path, *args: str) -> dict:
 
 def test_quick_run_writes_every_figure(bench: ModuleType, tmp_path: Path) -> None:
     res = run(bench, tmp_path, "--archs", "pcdeq_linear_mnist,pcdeq_conv_mnist", "--plain")
-    assert res["meta"]["command"].startswith("python scripts/bench.py --quick")
+    assert res["meta"]["command"].startswith("python -m pcdeq.bench --quick")
     assert set(res["archs"]) == {"pcdeq_linear_mnist", "pcdeq_conv_mnist"}
     for name, r in res["archs"].items():
         assert r["batch"] == 8 and r["repeats"] == 1
@@ -51,6 +45,8 @@ def test_quick_run_writes_every_figure(bench: ModuleType, tmp_path: Path) -> Non
             assert v["bwd_iters"] == v["solver_stats_train"]["backward"]["iters"]
             assert v["eval_fwd_iters"] == v["solver_stats_eval"]["forward"]["iters"]
             assert v["fwd_iters"] >= 1 and v["bwd_iters"] >= 1
+            # host syncs of one step: at least one residual check per solve, forward and backward
+            assert v["syncs_train"] >= 2 and v["syncs_eval"] >= 1
         floor = r["floor"]
         assert all(u > 0 for u in floor["unit_ms_per_block"]) and floor["train_ratio"] > 0
         p = r["plain_vs_best"]

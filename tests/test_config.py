@@ -122,7 +122,7 @@ def test_every_experiment_composes_to_its_table_row(name: str) -> None:
     cfg = compose_train(f"experiment={name}")
     assert f"{cfg.model.name}_{cfg.dataset.name}" == name == cfg.experiment_name
     assert solver_kind(cfg.solver.fwd_solver) == get_family(cfg.model.family).solver_kind
-    assert cfg.trainer.max_epochs >= 40
+    assert cfg.trainer.max_epochs >= (20 if cfg.model.family == "node" else 40)  # the ANODE paper: 20 epochs
     # The papers' criteria: one whole-batch residual (the pcDEQ reference, monDEQ's authors), and monDEQ exactly
     # as the authors parametrise it (raw scalars, gradient added at the prox step of the PR backward).
     assert cfg.solver.stop_mode == "batch"

@@ -20,7 +20,7 @@ FAMILY_ARCHS = [(f.name, arch) for f in FAMILIES.values() for arch in f.archs]
 
 
 def _tiny(family: str, arch: str) -> EquilibriumNet:
-    size = {"linear": 6, "conv": 4, "multiconv": (3, 4, 5), "fc": 6, "multitier": (2, 3, 4)}[arch]
+    size = {"linear": 6, "conv": 4, "multiconv": (3, 4, 5), "fc": 6, "multitier": (2, 3, 4), "aug_conv": 4}[arch]
     return build_net(family, arch, "digits", channels=size)
 
 
@@ -39,7 +39,10 @@ def test_every_network_implements_the_contract(family: str, arch: str) -> None:
     assert set(net.certificate()) <= set(pcdeq.family.CERTIFICATE_KEYS)
     assert all(isinstance(v, float) for v in net.epoch_metrics().values())
     histories = net.residual_history()
-    assert histories and all(len(h) >= 1 and all(r >= 0 for r in h) for h in histories)
+    if family == "node":  # an ODE solve has no fixed-point residual
+        assert histories == []
+    else:
+        assert histories and all(len(h) >= 1 and all(r >= 0 for r in h) for h in histories)
 
 
 @pytest.mark.parametrize(("family", "arch"), FAMILY_ARCHS)
@@ -56,7 +59,7 @@ def test_build_net_checks_options_and_solver_kind() -> None:
         build_net("pcdeq", "linear", "digits", m=1.0)
     with pytest.raises(pcdeq.ConfigError, match="solver=peaceman_rachford or solver=forward_backward"):
         build_net("mondeq", "fc", "digits", solver=SolverConfig())
-    with pytest.raises(pcdeq.ConfigError, match="unknown model family 'deq'; valid choices: mondeq, pcdeq"):
+    with pytest.raises(pcdeq.ConfigError, match="unknown model family 'deq'; valid choices: mondeq, node, pcdeq"):
         get_family("deq")
 
 

@@ -145,6 +145,8 @@ BAD_INPUT = [
     (["solver.fwd_tol=-0.5"], "solver.fwd_tol=-0.5: out of range; valid: a number in [0, 1), e.g. solver.fwd_tol=1e-4"),
     (["solver.fwd_max_iter=0"], "solver.fwd_max_iter=0: out of range; valid: an integer >= 1"),
     (["model=mondeq_fc", "solver.alpha=0"], "solver.alpha=0: out of range; valid: a number > 0"),
+    (["model=node_aug_conv", "model.augment_dim=-1"], "model.augment_dim=-1: out of range; valid: an integer >= 1"),
+    (["model=node_conv", "solver.ode_method=rk45"], "solver.ode_method=rk45: unknown choice; valid: one of dopri5"),
     (["-m", "optim.lr=1e-3,-1e-3"], "optim.lr=-0.001: out of range"),  # a sweep fails before its first job
     (["dataset=mnist", "dataset.download=false", "paths.data_dir={tmp}"], "MNIST/raw/train-images-idx3-ubyte"),
     (["dataset=mnist", "dataset.download=false", "paths.data_dir={mnist}"],

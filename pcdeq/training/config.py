@@ -17,6 +17,7 @@ from pcdeq.family import EquilibriumNet, build_net, get_family
 from pcdeq.solvers import SolverConfig
 from pcdeq.training import schema  # noqa: F401  (registers the config schemas in Hydra's ConfigStore)
 from pcdeq.training.data import EquilibriumDataModule
+from pcdeq.training.device import loader_settings
 
 
 def paper_channels(family: str, arch: str, dataset: str) -> Any:
@@ -86,13 +87,14 @@ def net_from_config(cfg: Mapping) -> EquilibriumNet:
 def datamodule_from_config(cfg: Mapping, seed: int) -> EquilibriumDataModule:
     """The Lightning data module of the resolved ``dataset`` group."""
     d = cfg["dataset"]
+    num_workers, pin_memory = loader_settings(cfg)  # null: the defaults of the run's device
     try:
         return EquilibriumDataModule(
             d["name"], data_dir=d["data_dir"], batch_size=int(d["batch_size"]),
             eval_batch_size=d.get("eval_batch_size"), download=bool(d["download"]),
             synthetic=bool(d["synthetic"]), synthetic_size=tuple(d["synthetic_size"]),
-            normalize=bool(d["normalize"]), val_size=int(d["val_size"]), num_workers=int(d["num_workers"]),
-            seed=seed, pin_memory=bool(d.get("pin_memory", False)),
+            normalize=bool(d["normalize"]), val_size=int(d["val_size"]), num_workers=num_workers,
+            seed=seed, pin_memory=pin_memory,
         )
     except ValueError as e:
         raise ConfigError(f"dataset: {e}") from None

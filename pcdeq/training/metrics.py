@@ -134,8 +134,8 @@ class EpochAggregate(Metric):
             if isinstance(v, float) and not math.isfinite(v):
                 continue
             idx.append(self.index[name])
-            vals.append(v.detach().to(torch.float64).reshape(()) if isinstance(v, Tensor) else
-                        torch.tensor(float(v), dtype=torch.float64))
+            vals.append(v.detach().to(self.value.device, torch.float64).reshape(()) if isinstance(v, Tensor) else
+                        torch.tensor(float(v), dtype=torch.float64, device=self.value.device))
             weights.append(float(weight[name] if isinstance(weight, Mapping) else weight))
         if not idx:
             return

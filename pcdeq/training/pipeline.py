@@ -39,6 +39,7 @@ from pcdeq.results import atomic_write_json, completed_run, read_results, run_ke
 from pcdeq.training.checkpoint import load_module, resumable_checkpoint, resume_from, trainer_plugins
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
+from pcdeq.training.device import apply_tf32
 from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.quiet import silence_third_party
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
@@ -189,6 +190,7 @@ def build_run(cfg: DictConfig, config: dict | None = None) -> Run:
                               "<run dir>/checkpoints/last.ckpt)")
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
+    apply_tf32(bool(config.get("tf32", False)))
     L.seed_everything(int(config["seed"]), workers=True)
     dm = datamodule_from_config(config, seed=int(config["seed"]))
     dm.prepare_data()

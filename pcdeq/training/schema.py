@@ -27,6 +27,7 @@ from pcdeq.solvers import SolverConfig
 from pcdeq.training.optim import OPTIMIZERS, SCHEDULES
 
 UINT32_MAX = 2**32 - 1  # seeds are 32-bit
+PRECISION_CHOICES = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")  # Lightning's names
 
 
 def valid(interval: str = "", example: str = "", *, choices: tuple[str, ...] = (), special: tuple[Any, ...] = (),
@@ -68,12 +69,12 @@ class DatasetConfig:
                                       metadata=valid("[1, inf)", "[1024,256]", length=2))
     # > 0 holds out a validation split (fixed generator) for model selection
     val_size: int = field(default=0, metadata=valid("[0, inf)", "5000"))
-    # in-memory data: workers only compete with the solver for CPU; try 4+ on GPU
-    num_workers: int = field(default=0, metadata=valid("[0, inf)", "4"))
+    # null: 0 on a CPU (in-memory data: workers only compete with the solver for cores), 4 on a GPU
+    num_workers: int | None = field(default=None, metadata=valid("[0, inf)", "4"))
     batch_size: int = field(default=64, metadata=valid("[1, inf)", "64"))  # training batch (the protocol sets it)
     # validation/test batch; null: batch_size
     eval_batch_size: int | None = field(default=None, metadata=valid("[1, inf)", "256"))
-    pin_memory: bool = False      # DataLoader pin_memory (GPU runs)
+    pin_memory: bool | None = None  # DataLoader pin_memory; null: on for GPU runs (pcdeq.training.device)
     normalize: bool = True        # Normalize(mean, std) after scaling to [0, 1] (the protocol sets it)
 
 
@@ -132,6 +133,7 @@ class TrainConfig:
     certificate_every_n_steps: int = field(default=20, metadata=valid("[0, inf)", "20"))  # 0: never
     skip_if_done: bool = False    # reproduction runs: do not train again what already completed (same run_key)
     auto_resume: bool = False     # reproduction runs: resume an interrupted run from its last.ckpt
+    tf32: bool = False            # TensorFloat-32 matrix products and convolutions on a GPU (pcdeq.training.device)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     paths: Any = MISSING
     dataset: Any = MISSING
@@ -182,6 +184,8 @@ class TrainerKeys:
     limit_val_batches: int | float | None = field(default=None, metadata=valid("[0, inf)", "10", fraction="[0, 1]"))
     limit_test_batches: int | float | None = field(default=None, metadata=valid("[0, inf)", "10", fraction="[0, 1]"))
     devices: Any = field(default=1, metadata=valid("[1, inf)", "1", special=(-1,)))  # -1: all; also "auto", [0,1]
+    # Lightning's precision plugin (bf16-mixed: autocast around the step); solver.precision is the fixed point's own
+    precision: str = field(default="32-true", metadata=valid(example="bf16-mixed", choices=PRECISION_CHOICES))
     accumulate_grad_batches: int = field(default=1, metadata=valid("[1, inf)", "1"))
     check_val_every_n_epoch: int | None = field(default=1, metadata=valid("[1, inf)", "1"))
     log_every_n_steps: int = field(default=1, metadata=valid("[1, inf)", "1"))

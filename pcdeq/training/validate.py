@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError, OutputError, PcdeqUserError
 from pcdeq.solvers import SolverConfig
+from pcdeq.training.device import check_devices
 from pcdeq.training.schema import (
     DatasetConfig,
     EvalConfig,
@@ -436,6 +437,7 @@ def validate_train(config: Mapping, overrides: Sequence[str] | None = None) -> N
     check_declared(config, TRAIN_GROUPS)
     check_schedule(config, overrides)
     check_val_size(config)
+    check_devices(config)
     net_from_config(config)  # the family's own checks: architecture, activation, channels, solver names
     check_writable_dir(config["paths"]["output_dir"], "run directory", RUN_DIR_FIX)
     if config.get("ckpt_path"):
@@ -445,6 +447,7 @@ def validate_train(config: Mapping, overrides: Sequence[str] | None = None) -> N
 def validate_eval(config: Mapping) -> None:
     """All startup checks of an evaluation, on the resolved eval config (the checkpoint is read by evaluate)."""
     check_declared(config, EVAL_GROUPS)
+    check_devices(config)
     check_writable_dir(config["paths"]["output_dir"], "run directory", RUN_DIR_FIX)
 
 

@@ -1,7 +1,7 @@
 """Whole runs against the reference implementation's script: wall time and peak memory of a short linear MNIST
 training run, as processes, interleaved in pairs; and the import time of the model API (issue 10).
 
-    python scripts/bench_runs.py --reference /path/to/authors/pcdeq --data-dir /path/with/MNIST/raw --pairs 3
+    python -m pcdeq.bench.runs --reference /path/to/authors/pcdeq --data-dir /path/with/MNIST/raw --pairs 3
 
 Ours: ``train.py model=pcdeq_linear dataset=mnist trainer.max_epochs=E`` (the pcDEQ protocol otherwise). The
 reference: its ``train_mnist.py -net linear_pcdeq_1 -activ tanh -epochs E`` with the same learning rate, weight
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:

@@ -15,7 +15,7 @@ The batch is random (N(0, 1) images, random labels) on a freshly initialised mod
 iterations only; ``--iters N`` forces N forward and N backward iterations (tolerance 0), closer to training.
 
 Usage:
-    python scripts/bench_mondeq_inverse.py [--datasets cifar10 mnist] [--batch 128] [--repeats 3]
+    python -m pcdeq.bench.mondeq_inverse [--datasets cifar10 mnist] [--batch 128] [--repeats 3]
         [--step-repeats 3] [--iters 10] [--threads 1] [--arch conv] [--dtype float32]
 """
 
@@ -27,6 +27,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -67,8 +68,8 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> None:
     if args.iters:
         solver = dataclasses.replace(solver, fwd_tol=0.0, bwd_tol=0.0, fwd_max_iter=args.iters,
                                      bwd_max_iter=args.iters)
-    model = build_mondeq(args.arch, dataset, solver=solver).to(dtype)
-    op = model.operator
+    model: Any = build_mondeq(args.arch, dataset, solver=solver).to(dtype)  # duck-typed: operator, head
+    op: Any = model.operator  # a monDEQ operator: ConvTiersMonotone for these architectures
     masks = op.state_masks(torch.zeros(1, dtype=dtype))
     # state-like inputs: nonnegative with a zero border
     z = [torch.relu(torch.randn(*s, dtype=dtype)) * mk for s, mk in zip(op.state_shapes(args.batch), masks,

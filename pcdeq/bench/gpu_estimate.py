@@ -14,7 +14,7 @@ step (optimiser, explicit layers, data, Lightning). Iterations of fresh weights 
 measured over a real MNIST training run (about 8 -> 12 forward iterations). Seeds, epochs, batch size and
 dataset size come from the configs.
 
-    python scripts/estimate_gpu_time.py --tables mnist,svhn,cifar10,cifar10_aug
+    python -m pcdeq.bench.gpu_estimate --tables mnist,svhn,cifar10,cifar10_aug
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = train_jobs(spec, profile, row=row)
                 first = [o for o in jobs[0][1].overrides if not o.startswith("seed=")]
                 cfg = compose("train", overrides=[f"experiment={row.experiment}", *first])
-                config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "solver")}
+                config: dict[str, Any] = {k: OmegaConf.to_container(cfg[k], resolve=True)
+                                          for k in ("model", "dataset", "solver")}
                 batch, epochs = int(cfg.dataset.batch_size), int(cfg.trainer.max_epochs)
                 dataset = config["dataset"]["name"]
                 tf, ti, ef, ei = step_cost(config, batch)
