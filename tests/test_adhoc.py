@@ -214,3 +214,15 @@ def test_configuration_reads_overrides_and_resolved_config(tmp_path: Path) -> No
     config = configuration_frame([run]).iloc[0].to_dict()
     assert config == {"model.channels": "8", "model.activation": "sigmoid", "solver.fwd_tol": "0.0001",
                       "seed": "3"}
+
+
+def test_unreadable_root_is_one_clear_error_even_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The permission check itself (the test above cannot see it when run by root, who reads everything)."""
+    import pcdeq.aggregate as agg
+    from pcdeq.errors import ConfigError
+    from pcdeq.reproduce import load_profile
+
+    monkeypatch.setattr(agg.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match="cannot be read \\(permission denied\\)"):
+        agg.aggregate([], load_profile("full"), tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
