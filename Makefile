@@ -10,6 +10,9 @@ PROFILE  ?= full
 TAG      ?=
 EXTRA    ?=
 BENCH_ARGS ?=
+ROOT     ?=
+OUT      ?=
+AGG_ARGS ?=
 DEVICE  ?= cuda
 GPU_CHECK_ARGS ?=
 
@@ -24,6 +27,8 @@ help:
 	@echo "make reproduce-tables [TABLES=mnist,tolerance] [LAUNCHER=basic|joblib|slurm] [PROFILE=full|smoke] [TAG=cpu] [EXTRA=trainer=gpu]"
 	@echo "                 train what the tables need (skipping what is done), then aggregate"
 	@echo "make tables [PROFILE=full|smoke]   aggregate the existing runs into tables and plots, no training"
+	@echo "make tables ROOT=<dir> [OUT=<dir>] [AGG_ARGS='--group-by K --metric M --name N']"
+	@echo "                 tables of your own sweeps under <dir> (one row per configuration; docs/sweeps.md)"
 	@echo "make bench [BENCH_ARGS='--plain --reference PATH --memory --epoch --archs pcdeq --device cuda ...']"
 	@echo "                 step times of every paper architecture vs its compute floor; table + results/bench/bench.json"
 	@echo "make gpu-check [DEVICE=cuda|cpu] [GPU_CHECK_ARGS='--reference PATH --data-dir DIR']"
@@ -60,7 +65,7 @@ reproduce-tables: $(STAMP)
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
 tables: $(STAMP)
-	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
+	$(BIN)/python -m pcdeq.aggregate $(if $(ROOT),--root $(ROOT) $(if $(OUT),--out $(OUT)),--profile $(PROFILE) --tables $(TABLES)) $(AGG_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pcdeq.bench $(BENCH_ARGS)
