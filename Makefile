@@ -10,6 +10,9 @@ PROFILE  ?= full
 TAG      ?=
 EXTRA    ?=
 BENCH_ARGS ?=
+ROOT     ?=
+OUT      ?=
+AGG_ARGS ?=
 DEVICE  ?= cuda
 GPU_CHECK_ARGS ?=
 
@@ -49,8 +52,8 @@ reproduce-tables: $(STAMP) ## train what the tables need, then aggregate [TABLES
 		--launcher $(LAUNCHER) $(if $(TAG),--tag $(TAG)) $(if $(EXTRA),--extra "$(EXTRA)")
 	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
 
-tables: $(STAMP) ## aggregate the existing runs into tables and plots, no training [PROFILE=full|smoke]
-	$(BIN)/python -m pcdeq.aggregate --profile $(PROFILE) --tables $(TABLES)
+tables: $(STAMP) ## aggregate existing runs into tables and plots, no training [PROFILE=full|smoke] or your sweeps [ROOT=<dir> OUT=<dir> AGG_ARGS='--group-by K --metric M --name N'] (docs/sweeps.md)
+	$(BIN)/python -m pcdeq.aggregate $(if $(ROOT),--root $(ROOT) $(if $(OUT),--out $(OUT)),--profile $(PROFILE) --tables $(TABLES)) $(AGG_ARGS)
 
 bench: $(STAMP) ## step times of every paper architecture vs its compute floor; results/bench/bench.json [BENCH_ARGS='--plain --memory --epoch ...']
 	$(BIN)/python -m pcdeq.bench $(BENCH_ARGS)

@@ -19,6 +19,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from pcdeq.reproduce import Profile, RunIndex, TableSpec, eval_jobs, find_eval, train_jobs  # noqa: E402
+from pcdeq.results import atomic_write  # noqa: E402
+
+
+def save_png(fig: plt.Figure, path: Path) -> None:
+    """Write a figure atomically: an interrupted or failed write leaves the previous PNG in place."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def _epoch_curve(run_dir: Path, key: str = "test/acc") -> dict[int, float]:
@@ -77,7 +83,7 @@ def plot_rows(spec: TableSpec, profile: Profile, index: RunIndex, out: Path) -> 
             a.legend(fontsize=7, ncol=2)
             path = out / f"{spec.name}_{name}.png"
             f.tight_layout()
-            f.savefig(path, dpi=120)
+            save_png(f, path)
             written.append(path)
         plt.close(f)
     return written
@@ -121,7 +127,7 @@ def plot_tolerance(spec: TableSpec, profile: Profile, index: RunIndex, out: Path
     ax_it.legend(fontsize=6, ncol=1)
     fig.tight_layout()
     path = out / f"{spec.name}.png"
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return [path]
 

@@ -19,6 +19,7 @@ from pcdeq.training.checkpoint import (
     VERSION_KEY,
     AtomicCheckpointIO,
     check_resume_checkpoint,
+    check_same_run,
     read_checkpoint,
 )
 from pcdeq.training.module import EquilibriumModule
@@ -188,3 +189,40 @@ def test_requeued_job_resumes_from_its_own_checkpoint(tmp_path: Path, monkeypatc
     assert ckpt_mod.resumable_checkpoint(config) == trained
     assert ckpt_mod.resumable_checkpoint({**config, "ckpt_path": "x.ckpt"}) is None  # an explicit ckpt_path wins
     assert ckpt_mod.resumable_checkpoint({**config, "paths": {"output_dir": str(tmp_path)}}) is None  # first start
+
+
+def _shared_dir(tmp_path: Path, trained: Path, launched_key: str | None) -> Path:
+    """A run directory holding ``trained`` as its last.ckpt, as another run left it."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(trained.read_bytes())
+    if launched_key is not None:
+        atomic_write_json(run / "launch.json", {"run_key": launched_key, "started_at": "2026-01-01T00:00:00"})
+    return run
+
+
+def test_resume_refuses_a_checkpoint_left_by_another_run_identity(tmp_path: Path, trained: Path) -> None:
+    seed = torch.load(trained, weights_only=True)["hyper_parameters"]["config"]["seed"]
+    mine = f"pcdeq_multiconv_mnist/model.activation=softsign,seed={seed + 2}"
+    run = _shared_dir(tmp_path, trained, f"pcdeq_multiconv_mnist/model.activation=softsign,seed={seed}")
+    path = run / "checkpoints" / "last.ckpt"
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(CheckpointError, match=r"belongs to the run 'pcdeq_multiconv_mnist/.*seed=\d+' \(its "
+                       r"launch.json\), not to this run .*fix: give each run its own directory"):
+        check_same_run({"seed": seed}, mine, path)
+    assert sorted(p.name for p in run.rglob("*")) == before
+    check_same_run({"seed": seed}, f"pcdeq_multiconv_mnist/model.activation=softsign,seed={seed}", path)  # its own
+
+
+def test_auto_resume_with_another_seed_stops_before_touching_the_run(tmp_path: Path, trained: Path) -> None:
+    """The incident behind the check: a second seed launched into the first seed's directory (no launch.json key
+    to tell them apart outside a Hydra job, so the checkpoint's saved seed decides)."""
+    seed = torch.load(trained, weights_only=True)["hyper_parameters"]["config"]["seed"]
+    run = _shared_dir(tmp_path, trained, None)
+    (run / "csv").mkdir()
+    (run / "csv" / "metrics.csv").write_text("epoch,train/loss\n0,1.0\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cfg = compose_train(*TINY, f"seed={seed + 2}", "auto_resume=true", f"paths.output_dir={run}")
+    with pytest.raises(CheckpointError, match=rf"a run with seed={seed} \(this run: seed={seed + 2}\)"):
+        train(cfg)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # no csv_part1, no results.json

@@ -21,7 +21,7 @@ FAMILY_MODULES = {
     "mondeq": ("pcdeq.mondeq",),
     "node": ("pcdeq.node",),
 }
-REPRODUCTION = {"pcdeq.reproduce", "pcdeq.aggregate", "pcdeq.plots"}
+REPRODUCTION = {"pcdeq.reproduce", "pcdeq.aggregate", "pcdeq.plots", "pcdeq.adhoc", "pcdeq.adhoc_plots"}
 LAYERS = ("core", "families", "training", "reproduction and benchmarks")
 
 

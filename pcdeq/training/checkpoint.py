@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -222,6 +223,37 @@ def resumable_checkpoint(config: Mapping[str, Any]) -> Path | None:
             previous = None  # killed before it could write any
         return None if previous == "diverged" else path
     return None
+
+
+def check_same_run(config: Mapping[str, Any], key: str, path: Path) -> None:
+    """Refuse to continue another run's checkpoint: ``path`` must come from the run of identity ``key``.
+
+    A requeue or ``auto_resume`` continues the run directory's own last checkpoint. Two runs that share a
+    directory by mistake (a sweep whose ``hydra.sweep.subdir`` does not tell them apart) would otherwise continue
+    each other's weights: the check that the checkpoint builds the same network ignores the seed and every other
+    setting of the run's identity. The directory's ``launch.json`` (written at each start) names the identity that
+    last ran there; the checkpoint's saved config names its seed.
+
+    Raises:
+        CheckpointError: the earlier launch had another identity, or the checkpoint another seed; nothing in the
+            run directory has been touched.
+    """
+    run_dir = path.parent.parent
+    try:
+        previous = json.loads((run_dir / "launch.json").read_text()).get("run_key")
+    except (OSError, ValueError, AttributeError):
+        previous = None  # no readable record of the last launch: the seed below still decides
+    saved_seed = checkpoint_config(read_checkpoint(path), path).get("seed")
+    if previous not in (None, key):
+        found = f"the run {previous!r} (its launch.json)"
+    elif saved_seed is not None and config.get("seed") is not None and saved_seed != config["seed"]:
+        found = f"a run with seed={saved_seed} (this run: seed={config['seed']})"
+    else:
+        return
+    raise CheckpointError(f"{path} belongs to {found}, not to this run {key!r}: two runs share the run directory "
+                          f"{run_dir}; fix: give each run its own directory (e.g. hydra.sweep.subdir="
+                          "'${run_slug:${hydra.job.override_dirname}}', the reproduction runs' setting), or "
+                          "pass ckpt_path= explicitly to start from that checkpoint on purpose")
 
 
 def resume_from(config: dict[str, Any], path: Path) -> None:

@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
-from pcdeq.training.checkpoint import resumable_checkpoint, resume_from, trainer_plugins
+from pcdeq.training.checkpoint import check_same_run, resumable_checkpoint, resume_from, trainer_plugins
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.device import apply_tf32
@@ -284,6 +284,7 @@ def _reuse_run_dir(config: dict, run_dir: Path, key: str) -> dict | None:
             return done
     last = resumable_checkpoint(config)
     if last is not None:
+        check_same_run(config, key, last)  # before resume_from renames anything in the directory
         resume_from(config, last)
     return None
 
