@@ -36,7 +36,15 @@ from omegaconf.errors import OmegaConfBaseException
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
-from pcdeq.training.checkpoint import check_same_run, load_module, resumable_checkpoint, resume_from, trainer_plugins
+from pcdeq.training.checkpoint import (
+    check_same_run,
+    continues_in_place,
+    keep_earlier_log,
+    load_module,
+    resumable_checkpoint,
+    resume_from,
+    trainer_plugins,
+)
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.device import apply_tf32
@@ -283,6 +291,8 @@ def _reuse_run_dir(config: dict, run_dir: Path, key: str) -> dict | None:
         if done is not None:
             log.info("already completed, skipped (skip_if_done): %s", run_dir / "results.json")
             return done
+    if continues_in_place(config):  # a resume by hand: the same history as the automatic resumes
+        keep_earlier_log(run_dir)
     last = resumable_checkpoint(config)
     if last is not None:
         check_same_run(config, key, last)  # before resume_from renames anything in the directory
