@@ -221,8 +221,27 @@ def test_auto_resume_with_another_seed_stops_before_touching_the_run(tmp_path: P
     run = _shared_dir(tmp_path, trained, None)
     (run / "csv").mkdir()
     (run / "csv" / "metrics.csv").write_text("epoch,train/loss\n0,1.0\n")
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
+
+    before = files()
     cfg = compose_train(*TINY, f"seed={seed + 2}", "auto_resume=true", f"paths.output_dir={run}")
     with pytest.raises(CheckpointError, match=rf"a run with seed={seed} \(this run: seed={seed + 2}\)"):
         train(cfg)
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # no csv_part1, no results.json
+    assert files() == before  # no csv_part1, no results.json
+
+
+def test_a_resume_by_hand_in_the_run_directory_keeps_every_epoch_of_the_log(tmp_path: Path) -> None:
+    import pandas as pd
+
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if o != "logger=none" and not o.startswith("trainer.max_epochs")]
+    train(compose_train(*tiny, "trainer.max_epochs=2", f"paths.output_dir={run}"))
+    first = (run / "csv" / "metrics.csv").read_bytes()
+    res = train(compose_train(*tiny, "trainer.max_epochs=4", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                              f"paths.output_dir={run}"))
+    assert res["status"] == "completed"
+    assert (run / "csv_part1" / "metrics.csv").read_bytes() == first  # the first attempt, untouched
+    epochs = [int(e) for part in ("csv_part1", "csv")
+              for e in pd.read_csv(run / part / "metrics.csv").dropna(subset=["train/loss"])["epoch"]]
+    assert epochs == [0, 1, 2, 3]  # the two files read in order: one sequence, every epoch once

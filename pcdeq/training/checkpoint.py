@@ -263,11 +263,30 @@ def resume_from(config: dict[str, Any], path: Path) -> None:
     overwrite it): the resumed attempt logs the remaining epochs to ``csv/``, and the aggregator reads both.
     """
     check_resume_checkpoint({**config, "ckpt_path": str(path)})
-    csv = path.parent.parent / "csv"
-    if csv.is_dir():
-        k = 1
-        while (csv.parent / f"csv_part{k}").exists():
-            k += 1
-        csv.rename(csv.parent / f"csv_part{k}")
+    keep_earlier_log(path.parent.parent)
     config["ckpt_path"] = str(path)
     log.info("resuming from %s", path)
+
+
+def keep_earlier_log(run_dir: Path) -> None:
+    """Move the earlier attempt's ``csv/`` aside as ``csv_part<k>/`` before a continuation logs to ``csv/``.
+
+    Lightning's CSV logger rewrites ``csv/metrics.csv`` from its own rows; the parts, read in order, are the run's
+    whole per-epoch history (the aggregator and its plots read them as one sequence).
+    """
+    csv = run_dir / "csv"
+    if not csv.is_dir():
+        return
+    k = 1
+    while (run_dir / f"csv_part{k}").exists():
+        k += 1
+    csv.rename(run_dir / f"csv_part{k}")
+
+
+def continues_in_place(config: Mapping[str, Any]) -> bool:
+    """True when an explicit ``ckpt_path`` is a checkpoint of the run directory itself (a resume by hand)."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt:
+        return False
+    run_dir = Path(config["paths"]["output_dir"]).resolve()
+    return Path(ckpt).resolve().parent.parent == run_dir

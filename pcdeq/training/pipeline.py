@@ -36,12 +36,20 @@ from omegaconf.errors import OmegaConfBaseException
 import pcdeq
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
 from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
-from pcdeq.training.checkpoint import check_same_run, resumable_checkpoint, resume_from, trainer_plugins
+from pcdeq.training.checkpoint import (
+    check_same_run,
+    continues_in_place,
+    keep_earlier_log,
+    resumable_checkpoint,
+    resume_from,
+    trainer_plugins,
+)
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.device import apply_tf32
 from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.quiet import silence_third_party
+from pcdeq.training.runlock import RunInUseError, run_lock
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 
 log = logging.getLogger("pcdeq")
@@ -282,6 +290,8 @@ def _reuse_run_dir(config: dict, run_dir: Path, key: str) -> dict | None:
         if done is not None:
             log.info("already completed, skipped (skip_if_done): %s", run_dir / "results.json")
             return done
+    if continues_in_place(config):  # a resume by hand: the same history as the automatic resumes
+        keep_earlier_log(run_dir)
     last = resumable_checkpoint(config)
     if last is not None:
         check_same_run(config, key, last)  # before resume_from renames anything in the directory
@@ -304,6 +314,19 @@ def train(cfg: DictConfig) -> dict:
     validate_train(config, hydra_overrides())  # every value, before any data is read or any file written
     run_dir = Path(config["paths"]["output_dir"])
     key = run_key(config.get("experiment_name"), _overrides())
+    try:
+        with run_lock(run_dir):  # held until the results are written: one process per run directory
+            return _train_locked(cfg, config, run_dir, key, started)
+    except RunInUseError as e:
+        if not config.get("skip_if_done"):
+            raise
+        # a cooperative worker (make reproduce-tables started twice): another process runs this one; go on
+        log.info("running in another process, skipped (skip_if_done): %s (%s)", run_dir, e.holder)
+        return {"status": "in_use", "run_dir": str(run_dir), "run_key": key, "holder": e.holder}
+
+
+def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, started: str) -> dict:
+    """:func:`train` once the run directory's lock is held."""
     done = _reuse_run_dir(config, run_dir, key)
     if done is not None:
         return done
