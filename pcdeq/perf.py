@@ -6,7 +6,7 @@ through a tracked application, a residual check after every iteration, out-of-pl
 first iteration's product computed from z = 0, one more application as the evaluation and training output, float32
 throughout, contiguous (NCHW) convolutions, torch's per-tensor optimiser loop, and for monDEQ W applied as spatial
 convolutions instead of in the frequency domain. The plain path is what the reference implementation does, so
-``make bench`` reports each switch's effect against it, and ``scripts/check_switches.py`` trains both ways to show
+``make bench`` reports each switch's effect against it, and ``python -m pcdeq.bench.switches`` trains both ways to show
 the accuracy does not move.
 """
 

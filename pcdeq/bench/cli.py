@@ -6,6 +6,9 @@ What each mode measures is in its module: :mod:`pcdeq.bench.setup` (architecture
 :mod:`~pcdeq.bench.timing` (steps, interleaving, iterations), :mod:`~pcdeq.bench.floor` (compute floor),
 :mod:`~pcdeq.bench.reference` (the authors' code), :mod:`~pcdeq.bench.memory` (``--memory``),
 :mod:`~pcdeq.bench.epoch` (``--epoch``), :mod:`~pcdeq.bench.syncs` (host syncs), :mod:`~pcdeq.bench.report`.
+Modules run on their own: ``python -m pcdeq.bench.switches`` (accuracy with every switch on and off),
+``python -m pcdeq.bench.node_steps`` (Neural ODE steps on real data), ``python -m pcdeq.bench.gpu_estimate``,
+``python -m pcdeq.bench.gpu_check`` (``make gpu-check``).
 
 * ``--plain``: the same pcDEQ model with every performance switch at its plain value beside the default ("best")
   path; ratios plain/best (for monDEQ: W applied spatially instead of in the frequency domain).

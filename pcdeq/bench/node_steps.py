@@ -1,6 +1,6 @@
 """Per-step CPU time and function evaluations of the Neural ODE rows, on real data (issue 22).
 
-    nice python scripts/node_steps.py --data-dir /path/with/MNIST/raw/.. --steps 6 \
+    nice python -m pcdeq.bench.node_steps --data-dir /path/with/MNIST/raw/.. --steps 6 \
         --json results/bench/cpu_node_mnist.json
 
 Each experiment (``conf/experiment/<name>.yaml``: the paper's model, protocol and solver) trains from its seed-0
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -28,16 +27,14 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pcdeq.training.config import datamodule_from_config, net_from_config  # noqa: E402
-from pcdeq.training.optim import build_optimizer  # noqa: E402
+from pcdeq.bench.setup import CONF
+from pcdeq.training.config import datamodule_from_config, net_from_config
+from pcdeq.training.optim import build_optimizer
 
 
 def resolved_config(experiment: str, data_dir: str, output_dir: str) -> dict:
     """The experiment's training config on real data (no download)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"paths.data_dir={data_dir}",
                                           "dataset.download=false", f"paths.output_dir={output_dir}"])
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -56,7 +53,10 @@ def measure(experiment: str, data_dir: str, steps: int, eval_steps: int) -> dict
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
-    train_rows, eval_rows = [], []
+    train_rows: list[dict] = []
+    eval_rows: list[dict] = []
+    train_seconds: list[float] = []
+    eval_seconds: list[float] = []
     for i, (x, y) in enumerate(dm.train_dataloader()):
         if i == steps:
             break
@@ -66,6 +66,7 @@ def measure(experiment: str, data_dir: str, steps: int, eval_steps: int) -> dict
         loss.backward()
         optimizer.step()
         seconds = time.perf_counter() - t0
+        train_seconds.append(seconds)
         stats = net.solver_stats()
         train_rows.append({"step": i + 1, "seconds": seconds, "nfe": stats["forward"]["iters"],
                            "bnfe": stats.get("backward", {}).get("iters"), "loss": loss.item()})
@@ -77,14 +78,14 @@ def measure(experiment: str, data_dir: str, steps: int, eval_steps: int) -> dict
                 break
             t0 = time.perf_counter()
             net(x)
-            eval_rows.append({"step": i + 1, "seconds": time.perf_counter() - t0,
+            eval_seconds.append(time.perf_counter() - t0)
+            eval_rows.append({"step": i + 1, "seconds": eval_seconds[-1],
                               "nfe": net.solver_stats()["forward"]["iters"]})
     batch = int(config["dataset"]["batch_size"])
-    eval_batch = int(config["dataset"].get("eval_batch_size") or batch)
-    train_batches = math.ceil(len(dm.train_dataloader().dataset) / batch)
-    test_batches = math.ceil(len(dm.test_dataloader().dataset) / eval_batch)
-    train_s = statistics.mean(r["seconds"] for r in train_rows)
-    eval_s = statistics.mean(r["seconds"] for r in eval_rows) if eval_rows else 0.0
+    train_batches = len(dm.train_dataloader())  # batches per epoch, as the loaders cut them
+    test_batches = len(dm.test_dataloader())
+    train_s = statistics.mean(train_seconds)
+    eval_s = statistics.mean(eval_seconds) if eval_seconds else 0.0
     return {
         "experiment": experiment, "num_params": sum(p.numel() for p in net.parameters()),
         "batch_size": batch, "train_steps": train_rows, "eval_steps": eval_rows,
@@ -106,7 +107,7 @@ def main() -> None:
     if args.steps < 1 or args.eval_steps < 0 or args.threads < 1:
         raise SystemExit("--steps and --threads must be >= 1, --eval-steps >= 0")
     torch.set_num_threads(args.threads)
-    out = {"command": " ".join(["python", "scripts/node_steps.py", *sys.argv[1:]]), "threads": args.threads,
+    out = {"command": " ".join(["python", "-m", "pcdeq.bench.node_steps", *sys.argv[1:]]), "threads": args.threads,
            "host": platform.processor() or platform.machine(), "torch": torch.__version__,
            "runs": [measure(e, args.data_dir, args.steps, args.eval_steps) for e in args.experiments.split(",")]}
     for run in out["runs"]:

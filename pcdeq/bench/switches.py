@@ -1,8 +1,8 @@
 """Train the same run twice, every optimisation on (the defaults) and every one off (pcdeq.perf.PLAIN), and print
 the accuracies side by side: the performance switches must not move accuracy beyond seed noise (issue 10).
 
-    python scripts/check_switches.py                                # digits, pcDEQ-1 single conv, seed 0
-    python scripts/check_switches.py model=pcdeq_linear dataset=mnist trainer.max_epochs=1 num_threads=1
+    python -m pcdeq.bench.switches                                # digits, pcDEQ-1 single conv, seed 0
+    python -m pcdeq.bench.switches model=pcdeq_linear dataset=mnist trainer.max_epochs=1 num_threads=1
 
 Arguments are train.py overrides shared by both runs; each run's results.json is read back.
 """
@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pcdeq.perf import plain_overrides  # noqa: E402  (after the path: the script runs from any directory)
+from pcdeq.bench.setup import ROOT
+from pcdeq.perf import plain_overrides
 
 DEFAULTS = ["model=pcdeq_conv", "dataset=digits", "seed=0"]
 
