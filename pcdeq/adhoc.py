@@ -17,6 +17,7 @@ family, dataset and model (never averaged together), then, within each such grou
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Sequence
@@ -152,10 +153,14 @@ def check_keys(config: pd.DataFrame, keys: Sequence[str]) -> None:
     """Raise a ConfigError naming the keys that exist when one of ``keys`` is in no run's configuration."""
     absent = [k for k in keys if k not in config.columns or (config[k] == MISSING).all()]
     if absent:
-        varying = [k for k in config.columns if _is_configuration(k) and config[k].nunique() > 1]
+        varying = [k for k in config.columns if _is_configuration(k) and config[k].nunique() > 1
+                   and not _is_location(config[k])]
+        close = {c for k in absent for c in difflib.get_close_matches(k, list(config.columns), n=1, cutoff=0.85)}
+        hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
         raise ConfigError(
             f"--group-by {','.join(absent)}: no run has this key. Keys that vary between the runs: "
-            f"{', '.join(sorted(varying)) or 'none'}; every key: {', '.join(sorted(config.columns))}")
+            f"{', '.join(sorted(varying)) or 'none'}; any of the {len(config.columns)} keys of a run's "
+            f"config_resolved.yaml can be grouped by{hint}")
 
 
 def build_adhoc(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> list[AdhocTable]:

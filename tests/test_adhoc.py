@@ -140,6 +140,10 @@ def test_unknown_key_or_metric_is_one_line_naming_what_exists(sweeps: Path, tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr
     assert ("model.activation" if "group-by" in message else "test/acc") in proc.stderr
+    if "group-by" in message:  # run locations are not keys that vary; a near miss gets its close match
+        assert "default_root_dir" not in proc.stderr and "did you mean" not in proc.stderr
+        typo = _aggregate(sweeps / "pcdeq", out, "--group-by", "model.activaton")
+        assert typo.returncode == 2 and typo.stderr.rstrip().endswith("did you mean model.activation?")
     assert not out.exists()  # nothing written
 
 
