@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,25 +15,11 @@ import pytest
 from pcdeq.errors import OutputError
 from pcdeq.training.pipeline import train
 from pcdeq.training.runlock import LOCK_NAME, RunInUseError, holder_record, lock_holder, run_lock
-from tests.helpers import compose_train
+from tests.helpers import compose_train, held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=pcdeq_linear", "model.channels=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
         "trainer.limit_test_batches=1", "test_every_epoch=false", "logger=none", "num_threads=1"]
-HOLD = "import sys, time\nfrom pcdeq.training.runlock import run_lock\nwith run_lock(sys.argv[1]):\n" \
-       "    print('held', flush=True)\n    time.sleep(120)\n"
-
-
-@contextmanager
-def held_by_another_process(run_dir: Path) -> Iterator[subprocess.Popen]:
-    """A second Python process holding ``run_dir``'s lock until the block ends (then killed, not released)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:

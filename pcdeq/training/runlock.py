@@ -154,3 +154,13 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def runs_in_progress(root: str | os.PathLike[str]) -> dict[Path, dict]:
+    """Every run directory under ``root`` whose lock a live process holds now, with its holder record."""
+    found = {}
+    for lock in Path(root).rglob(LOCK_NAME):
+        holder = lock_holder(lock.parent)
+        if holder is not None:
+            found[lock.parent.resolve()] = holder
+    return found
