@@ -273,3 +273,23 @@ def test_an_attempt_superseded_by_a_completed_run_is_not_a_problem(tmp_path: Pat
     index = index_runs(tmp_path)
     assert list(index.completed) == [run_key("pcdeq_linear_mnist", ["seed=0"])]
     assert index.problems == [] and [d for d, _, _ in index.superseded] == [old]
+
+
+def test_a_worker_summary_counts_each_planned_run_by_what_its_job_logged(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcdeq.reproduce import worker_summary
+    from pcdeq.training.worklog import ENV, read_outcomes, record_outcome
+
+    log = tmp_path / "worker.jsonl"
+    assert read_outcomes(log) == {}
+    monkeypatch.setenv(ENV, str(log))
+    for key, outcome in [("a", "in_use"), ("b", "completed"), ("c", "done"), ("d", "failed"), ("a", "completed")]:
+        record_outcome(key, tmp_path / key, outcome)
+    with log.open("a") as f:
+        f.write('{"run_key": "e", "outc')  # a line cut short by a killed job
+    outcomes = read_outcomes(log)
+    assert outcomes == {"a": "completed", "b": "completed", "c": "done", "d": "failed"}  # the last job of a run wins
+    line = worker_summary(["a", "b", "c", "d", "e", "f"], {**outcomes, "f": "in_use"}, done_before=2)
+    assert re.fullmatch(r"worker [^:]+:\d+: completed 2, skipped as done 3, held by another worker 1, failed 1, "
+                        r"not started 1 \(held runs are finished by the workers holding them; run make tables once "
+                        r"all have ended\)", line), line
