@@ -38,6 +38,7 @@ from pcdeq.reproduce import (
     train_jobs,
 )
 from pcdeq.results import atomic_write
+from pcdeq.training.runlock import runs_in_progress
 
 log = logging.getLogger("pcdeq.aggregate")
 PUBLISHED = PROJECT_ROOT / "results" / "published.csv"
@@ -396,6 +397,11 @@ def _rel(d: Path, root: Path) -> Path:
     return d.relative_to(root) if d.is_relative_to(root) else d
 
 
+def _running(holder: dict) -> str:
+    """The status cell of a run in progress: ``running (host, pid)``."""
+    return f"running ({holder.get('host', 'host unknown')}, pid {holder.get('pid', 'unknown')})"
+
+
 def write_report(index: RunIndex, tables: list[Table], root: Path, out: Path, command: str,
                  dest: Destinations | None = None, unreadable: Sequence[Path] = ()) -> None:
     """``report.md``: every run read and the table it went to, or why it went nowhere; short spec rows."""
@@ -409,8 +415,15 @@ def write_report(index: RunIndex, tables: list[Table], root: Path, out: Path, co
         counted.add(Path(str(res["run_dir"])).resolve())
         lines.append(f"| {res.get('status')} | `{_rel(Path(str(res['run_dir'])), root)}` | "
                      f"{dest.of(str(res['run_dir']))} |")
+    running = runs_in_progress(root)  # a sweep still going: a live process holds these runs' locks
     for d, status, detail in index.problems:
+        if d.resolve() in running:
+            status, detail = _running(running[d.resolve()]), "in progress"
         lines.append(f"| {status} | `{_rel(d, root)}` | none, not averaged in: {' '.join(detail.split())[:200]} |")
+    listed = counted | {d.resolve() for d, _, _ in [*index.problems, *index.superseded]}
+    for d, holder in sorted(running.items()):  # locked before its launch.json is written: still loading
+        if d not in listed:
+            lines.append(f"| {_running(holder)} | `{_rel(d, root.resolve())}` | none, not averaged in: in progress |")
     for d, status, _ in index.superseded:
         lines.append(f"| {status} | `{_rel(d, root)}` | none: superseded (the run completed in another directory) |")
     seen = counted | {d.resolve() for d, _, _ in [*index.problems, *index.superseded]}
@@ -423,7 +436,8 @@ def write_report(index: RunIndex, tables: list[Table], root: Path, out: Path, co
     lines += ["", "## Runs not averaged in", ""]
     if index.problems:
         by_status: dict[str, int] = {}
-        for _, status, _ in index.problems:
+        for d, status, _ in index.problems:
+            status = "running" if d.resolve() in running else status
             by_status[status] = by_status.get(status, 0) + 1
         lines.append(", ".join(f"{s}: {n}" for s, n in sorted(by_status.items())) + " (listed above).")
     else:

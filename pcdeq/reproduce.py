@@ -19,11 +19,14 @@ import itertools
 import json
 import logging
 import math
+import os
+import platform
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,12 @@ EXPERIMENT_DIR = PROJECT_ROOT / "conf" / "experiment"
 LAUNCHERS = {"basic": "basic", "joblib": "joblib", "slurm": "slurm", "submitit_local": "submitit_local"}
 COLUMNS = ("test_acc", "params", "fwd_iters", "bwd_iters", "epoch_time", "published", "test_fwd_iters")
 TABLE_KINDS = ("rows", "tolerance")
+WORKER_DIR = ".workers"  # under a profile's root: each running worker's job outcomes
+# a worker's summary: train()'s outcomes (pcdeq.training.worklog) as counted at the end
+SUMMARY = ("completed", "skipped as done", "held by another worker", "failed", "diverged", "interrupted",
+           "not started")
+SUMMARY_OF = {"completed": "completed", "done": "skipped as done", "in_use": "held by another worker",
+              "failed": "failed", "diverged": "diverged", "interrupted": "interrupted"}
 
 
 # ---------------------------------------------------------------- specs
@@ -443,15 +452,49 @@ def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_thre
     return cmds
 
 
-def _run(cmd: list[str], dry_run: bool) -> int:
+def _run(cmd: list[str], dry_run: bool, env: dict[str, str] | None = None) -> int:
     shown = " ".join(cmd[1:])
     log.info("%s %s", "would run:" if dry_run else "running:", shown)
     if dry_run:
         return 0
     t0 = time.perf_counter()
-    code = subprocess.run(cmd, cwd=PROJECT_ROOT).returncode
+    code = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env).returncode
     log.info("exit %d after %.0f s", code, time.perf_counter() - t0)
     return code
+
+
+@contextmanager
+def worker_log(root: Path, dry_run: bool) -> Iterator[tuple[dict[str, str] | None, Callable[[], dict[str, str]]]]:
+    """The environment that makes this worker's ``train.py`` jobs log their outcomes, and the reader of that log.
+
+    The log lives under ``root`` (shared with Slurm jobs on other nodes) and is removed when the block ends.
+    """
+    from pcdeq.training.worklog import ENV, read_outcomes  # light; the rest of the training stack is not loaded
+
+    if dry_run:
+        yield None, dict
+        return
+    (root / WORKER_DIR).mkdir(parents=True, exist_ok=True)
+    path = root / WORKER_DIR / f"{platform.node()}-{os.getpid()}-{time.time_ns()}.jsonl"
+    try:
+        yield {**os.environ, ENV: str(path)}, lambda: read_outcomes(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def worker_summary(keys: Sequence[str], outcomes: dict[str, str], done_before: int) -> str:
+    """This worker's one summary line: what became of each run it set out to train.
+
+    ``done_before``: the runs already complete when it planned (never launched).
+    """
+    counts = dict.fromkeys(SUMMARY, 0)
+    counts["skipped as done"] = done_before
+    for key in keys:
+        counts[SUMMARY_OF.get(outcomes.get(key, ""), "not started")] += 1
+    shown = ", ".join(f"{label} {n}" for label, n in counts.items() if n or label in SUMMARY[:4])
+    held = (" (held runs are finished by the workers holding them; run make tables once all have ended)"
+            if counts["held by another worker"] else "")
+    return f"worker {platform.node()}:{os.getpid()}: {shown}{held}"
 
 
 def reproduce(tables: Iterable[str], profile: Profile, launcher: str = "basic", tag: str | None = None,
@@ -484,8 +527,11 @@ def reproduce(tables: Iterable[str], profile: Profile, launcher: str = "basic", 
     pending = [job for key, job in wanted.items() if key not in index.completed]
     log.info("training: %d runs for %s, %d done, %d to run (profile %s, runs in %s)", len(wanted),
              ", ".join(s.name for s in specs), len(wanted) - len(pending), len(pending), profile.name, profile.root)
-    failures = sum(_run(cmd, dry_run) != 0 for cmd in train_commands(pending, profile, launcher, num_threads,
-                                                                      extra))
+    with worker_log(profile.root, dry_run) as (env, outcomes):
+        failures = sum(_run(cmd, dry_run, env) != 0 for cmd in train_commands(pending, profile, launcher,
+                                                                               num_threads, extra))
+        if not dry_run:
+            log.info("%s", worker_summary([job.key for job in pending], outcomes(), len(wanted) - len(pending)))
     index = index_runs(profile.root)
     todo: list[EvalJob] = []
     for spec in specs:

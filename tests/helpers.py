@@ -9,7 +9,10 @@ import contextlib
 import io
 import logging
 import runpy
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +23,21 @@ from pcdeq.mondeq import build_mondeq
 from pcdeq.solvers import SolverConfig
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+_HOLD = ("import sys, time\nfrom pcdeq.training.runlock import run_lock\nwith run_lock(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+@contextlib.contextmanager
+def held_by_another_process(run_dir: Path) -> Iterator[subprocess.Popen]:
+    """A second Python process holding ``run_dir``'s run lock until the block ends (then SIGKILLed, not released)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], cwd=Path(CONF).parent,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def compose_train(*overrides: str):

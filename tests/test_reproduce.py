@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ from pcdeq.aggregate import aggregate
 from pcdeq.errors import ConfigError
 from pcdeq.reproduce import Profile, check_jobs, load_profile, load_spec, train_jobs
 from pcdeq.results import completed_run, run_key, write_results
+from tests.helpers import held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +115,28 @@ def test_aggregator_tables_match_hand_computed_statistics(fixture_runs, tmp_path
         assert re.search(rf"\| {status} \| `[^`]*{where}", report), (status, where)
     assert "schema_version 99" in report
     assert (out / "plots" / "fixture_accuracy_vs_epoch.png").exists() is False  # no CSV logs in the fixture
+
+
+def test_the_report_during_a_sweep_lists_runs_in_progress_and_counts_finished_results_only(fixture_runs,
+                                                                                           tmp_path: Path) -> None:
+    spec, root, accs = fixture_runs
+    out = tmp_path / "tables"
+    killed = root / "mondeq_fc_mnist" / "killed"  # launch.json, no results.json
+    loading = root / "mondeq_fc_mnist" / "loading"  # locked, nothing written yet
+    with held_by_another_process(killed) as one, held_by_another_process(loading) as two:
+        aggregate([str(spec)], Profile("fixture", root, out), command="test", plots=False)
+    report = (out / "report.md").read_text()
+    host = platform.node()
+    assert f"| running ({host}, pid {one.pid}) | `mondeq_fc_mnist/killed` | none, not averaged in" in report
+    assert f"| running ({host}, pid {two.pid}) | `mondeq_fc_mnist/loading` | none, not averaged in" in report
+    assert "running: 1" in report  # the killed run's row among the runs not averaged in
+    table = pd.read_csv(out / "fixture.csv")
+    assert table[table["model"] == "monDEQ fully connected"].iloc[0]["test_acc n"] == 0  # in progress: no result
+    assert table[table["model"] == "pcDEQ-1 linear, tanh"].iloc[0]["test_acc n"] == len(accs["tanh"])
+    # once the holders are gone (SIGKILLed above) the same run is reported as partial again, not running
+    aggregate([str(spec)], Profile("fixture", root, out), command="test", plots=False)
+    report = (out / "report.md").read_text()
+    assert "running (" not in report and re.search(r"\| partial \| `mondeq_fc_mnist/killed`", report)
 
 
 def test_stale_write_is_never_taken_for_the_current_run(tmp_path: Path) -> None:
@@ -249,3 +273,23 @@ def test_an_attempt_superseded_by_a_completed_run_is_not_a_problem(tmp_path: Pat
     index = index_runs(tmp_path)
     assert list(index.completed) == [run_key("pcdeq_linear_mnist", ["seed=0"])]
     assert index.problems == [] and [d for d, _, _ in index.superseded] == [old]
+
+
+def test_a_worker_summary_counts_each_planned_run_by_what_its_job_logged(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcdeq.reproduce import worker_summary
+    from pcdeq.training.worklog import ENV, read_outcomes, record_outcome
+
+    log = tmp_path / "worker.jsonl"
+    assert read_outcomes(log) == {}
+    monkeypatch.setenv(ENV, str(log))
+    for key, outcome in [("a", "in_use"), ("b", "completed"), ("c", "done"), ("d", "failed"), ("a", "completed")]:
+        record_outcome(key, tmp_path / key, outcome)
+    with log.open("a") as f:
+        f.write('{"run_key": "e", "outc')  # a line cut short by a killed job
+    outcomes = read_outcomes(log)
+    assert outcomes == {"a": "completed", "b": "completed", "c": "done", "d": "failed"}  # the last job of a run wins
+    line = worker_summary(["a", "b", "c", "d", "e", "f"], {**outcomes, "f": "in_use"}, done_before=2)
+    assert re.fullmatch(r"worker [^:]+:\d+: completed 2, skipped as done 3, held by another worker 1, failed 1, "
+                        r"not started 1 \(held runs are finished by the workers holding them; run make tables once "
+                        r"all have ended\)", line), line

@@ -51,6 +51,7 @@ from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.quiet import silence_third_party
 from pcdeq.training.runlock import RunInUseError, run_lock
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
+from pcdeq.training.worklog import record_outcome
 
 log = logging.getLogger("pcdeq")
 silence_third_party()  # advertising and deprecations from inside libraries, by exact message
@@ -319,16 +320,22 @@ def train(cfg: DictConfig) -> dict:
             return _train_locked(cfg, config, run_dir, key, started)
     except RunInUseError as e:
         if not config.get("skip_if_done"):
+            record_outcome(key, run_dir, "failed")
             raise
         # a cooperative worker (make reproduce-tables started twice): another process runs this one; go on
         log.info("running in another process, skipped (skip_if_done): %s (%s)", run_dir, e.holder)
+        record_outcome(key, run_dir, "in_use")
         return {"status": "in_use", "run_dir": str(run_dir), "run_key": key, "holder": e.holder}
+    except BaseException:
+        record_outcome(key, run_dir, "failed")
+        raise
 
 
 def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, started: str) -> dict:
     """:func:`train` once the run directory's lock is held."""
     done = _reuse_run_dir(config, run_dir, key)
     if done is not None:
+        record_outcome(key, run_dir, "done")
         return done
     run = build_run(cfg, config)
     run.started_at = started
@@ -343,6 +350,7 @@ def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, starte
         write_results(run.run_dir / "results.json", results)
         OmegaConf.save(run.config, run.run_dir / "config_resolved.yaml")
         log.info("status %s, test acc %s, results: %s", status, results["test/acc"], run.run_dir / "results.json")
+    record_outcome(key, run_dir, status)
     return results
 
 
