@@ -19,7 +19,9 @@ from pcdeq.layer import NonnegWeight, PcDEQLayer
 from pcdeq.models import PAPER_SIZES, PcDEQNet, build_model, build_network
 from pcdeq.mondeq import MonDEQ, build_mondeq
 from pcdeq.node import NeuralODE, build_node
-from pcdeq.solvers import SOLVERS, SolverConfig, SolverStats, collect_stats, get_solver, register_solver
+from pcdeq.solver import SOLVERS, get_solver, register_solver
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 __version__ = "0.2.0"
 

@@ -22,7 +22,8 @@ import torch
 
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
-from pcdeq.solvers import SOLVER_KINDS, SolverConfig, solver_kind
+from pcdeq.solver import SOLVER_KINDS, solver_kind
+from pcdeq.solver.config import SolverConfig
 
 Tensor = torch.Tensor
 Size = int | tuple[int, ...]
@@ -48,7 +49,7 @@ class EquilibriumNet(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 
     def solver_stats(self) -> dict[str, dict[str, float]]:
-        """Statistics of the last forward and backward solves (see :func:`pcdeq.solvers.collect_stats`)."""
+        """Statistics of the last forward and backward solves (see :func:`pcdeq.solver.stats.collect_stats`)."""
         ...
 
     def project_(self) -> None:
@@ -87,7 +88,7 @@ class Family:
             the family's module).
         default_sizes: arch -> size for a dataset that ``sizes`` does not list.
         build: ``build(arch, dataset, *, channels, solver, **options) -> EquilibriumNet``.
-        solver_kind: the kind of registered solver the family runs (see :func:`pcdeq.solvers.register_solver`).
+        solver_kind: the kind of registered solver the family runs (see :func:`pcdeq.solver.register_solver`).
         default_solver: solver settings used when none are given (the paper's).
         protocols: arch -> training protocol set, ``conf/protocol/<set>/<dataset>.yaml``.
         options: a dataclass of the family's model options with their types and defaults (``activation``,

@@ -5,7 +5,7 @@ map at z*, g(z*) = sigma(W z* + x~). Backward: the incoming gradient v is replac
 u = J^T u + v (J the Jacobian of the map at z*), so the gradients w.r.t. W, g, v and x are the exact implicit
 ones, and memory does not depend on the number of iterations.
 
-How the backward is computed is a set of switches in :class:`pcdeq.solvers.SolverConfig` (each measurable;
+How the backward is computed is a set of switches in :class:`pcdeq.solver.config.SolverConfig` (each measurable;
 the defaults are the fastest exact path, and every combination gives the same gradients):
 
 * ``weight_grad="direct"`` (default): one autograd Function maps (x~, W) to g(z*); its backward solves for u,
@@ -21,7 +21,7 @@ the defaults are the fastest exact path, and every combination gives the same gr
 
 The untracked iterations write their sums and activations in place (``inplace``), check the residual on the
 ``check`` schedule, can start in bfloat16 (``precision``) and can be compiled (``compile``); see
-:mod:`pcdeq.solvers`.
+:mod:`pcdeq.solver`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from torch.nn.grad import conv2d_weight
 
 from pcdeq.activations import Activation, get_activation
 from pcdeq.errors import ConfigError
-from pcdeq.solvers import SolverConfig, SolverStats
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats
 
 Tensor = torch.Tensor
 Map = Callable[[Tensor], Tensor]

@@ -29,7 +29,8 @@ from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
 from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig, collect_stats, residual_histories
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import collect_stats, residual_histories
 
 ARCHS = ("linear", "conv", "multiconv")
 

@@ -1,6 +1,6 @@
 """The performance switches at their plain values: one list for the benchmark, the tests and the accuracy check.
 
-The defaults of :class:`pcdeq.solvers.SolverConfig`, of the pcDEQ model options and of the optimiser are the
+The defaults of :class:`pcdeq.solver.config.SolverConfig`, of the pcDEQ model options and of the optimiser are the
 fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and weight gradients
 through a tracked application, a residual check after every iteration, out-of-place iterations, no cached W, the
 first iteration's product computed from z = 0, one more application as the evaluation and training output, float32
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 
 PLAIN: dict[str, str | bool] = {
     "solver.jacobian": "autograd",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 
 Tensor = torch.Tensor
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcdeq.mondeq import build_mondeq
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import pcdeq
 from pcdeq.family import FAMILIES, EquilibriumNet, build_net, get_family
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 from tests.helpers import CONF, compose_train
 
 FAMILY_ARCHS = [(f.name, arch) for f in FAMILIES.values() for arch in f.archs]
@@ -123,7 +123,8 @@ from dataclasses import dataclass
 from torch import nn
 from pcdeq.family import Family, register_family
 from pcdeq.datasets import get_spec
-from pcdeq.solvers import SolverConfig, SolverStats
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pcdeq"
 
-CORE = {"pcdeq.errors", "pcdeq.activations", "pcdeq.solvers", "pcdeq.datasets", "pcdeq.results", "pcdeq.family",
-        "pcdeq.perf"}
+CORE = {"pcdeq.errors", "pcdeq.activations", "pcdeq.datasets", "pcdeq.results", "pcdeq.family", "pcdeq.perf"}
+CORE_PACKAGES = ("pcdeq.solver",)  # every module under these is core
 # each family's modules, by family; a family builds on the core only, never on another family
 FAMILY_MODULES = {
     "pcdeq": ("pcdeq.layer", "pcdeq.certificate", "pcdeq.models"),
@@ -48,7 +48,7 @@ def _family_of(name: str) -> str | None:
 
 def layer_of(name: str) -> int:
     """The rank of a module's layer in LAYERS; a module the table does not know is an error to fix here."""
-    if name in CORE:
+    if name in CORE or any(_within(name, p) for p in CORE_PACKAGES):
         return 0
     if name == "pcdeq" or _family_of(name) is not None:
         return 1

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pcdeq.activations import ACTIVATIONS, register_activation
 from pcdeq.layer import NonnegWeight, PcDEQLayer
 from pcdeq.models import build_model
-from pcdeq.solvers import SolverStats, collect_stats
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 Tensor = torch.Tensor
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")

@@ -15,7 +15,8 @@ import torch
 from pcdeq.mondeq import build_mondeq, tune_alpha
 from pcdeq.mondeq.circular import cconv, cconv_t, down, down_t, freq_apply, kernel_spectrum
 from pcdeq.mondeq.splitting import SplittingProblem, forward_backward, peaceman_rachford
-from pcdeq.solvers import SolverConfig, collect_stats
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import collect_stats
 from tests.helpers import splitting, tiny_model
 
 

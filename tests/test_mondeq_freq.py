@@ -13,7 +13,7 @@ import torch
 from pcdeq.errors import ConfigError
 from pcdeq.mondeq import ConvTiersMonotone, build_mondeq
 from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 from tests.helpers import splitting, tiny_model
 
 # (channels, tier-0 grid): odd and even sizes, square and not; multi-tier grids (10, 14) -> (6, 8) -> (4, 5)

@@ -19,7 +19,9 @@ from pcdeq.errors import ConfigError
 from pcdeq.family import build_net
 from pcdeq.node import ConvODEFunc, NeuralODE, build_node, solve_ode
 from pcdeq.node.odefunc import with_time
-from pcdeq.solvers import SolverConfig, SolverStats, get_solver
+from pcdeq.solver import get_solver
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats
 from pcdeq.training.config import net_from_config
 from pcdeq.training.validate import validate_overrides, validate_train
 from tests.helpers import CONF, compose_train, resolved

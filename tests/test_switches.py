@@ -31,14 +31,11 @@ from pcdeq.certificate import collatz_wielandt_bound
 from pcdeq.family import build_net
 from pcdeq.layer import PcDEQLayer
 from pcdeq.models import build_network
-from pcdeq.solvers import (
-    BF16_SWITCH,
-    CheckSchedule,
-    SolverConfig,
-    SolverStats,
-    fixed_point_iter,
-    full_history,
-)
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.fixed_point import fixed_point_iter
+from pcdeq.solver.precision import BF16_SWITCH
+from pcdeq.solver.stats import SolverStats
+from pcdeq.solver.stopping import CheckSchedule, full_history
 from pcdeq.training.optim import OPTIMIZERS
 
 Tensor = torch.Tensor

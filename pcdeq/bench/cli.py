@@ -47,7 +47,7 @@ from pcdeq.bench.report import finite, report
 from pcdeq.bench.setup import ARCHS, ROOT, progress, select_archs
 from pcdeq.errors import ConfigError
 from pcdeq.perf import PLAIN
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 from pcdeq.training.device import apply_tf32
 
 DEFAULT_JSON = ROOT / "results" / "bench" / "bench.json"

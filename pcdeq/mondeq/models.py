@@ -30,7 +30,9 @@ from torch import nn
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
-from pcdeq.solvers import SolverConfig, SolverStats, collect_stats, get_solver, residual_histories
+from pcdeq.solver import get_solver
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats, collect_stats, residual_histories
 
 from .operators import ConvTiersMonotone, DenseMonotone
 from .splitting import ImplicitBackwardSpec, SplittingProblem, implicit_backward, tune_alpha

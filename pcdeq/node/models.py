@@ -30,7 +30,8 @@ from torch import nn
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
-from pcdeq.solvers import SolverConfig, SolverStats, collect_stats
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 from .odefunc import ConvODEFunc
 from .solve import solve_ode

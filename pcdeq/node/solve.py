@@ -1,7 +1,7 @@
 """One ODE solve y(0) -> y(1) with torchdiffeq, its function-evaluation counts, and failures reported, not raised.
 
 The Neural ODE family's counterpart of the fixed-point solvers: the forward solve records a
-:class:`pcdeq.solvers.SolverStats` whose ``iters`` is the number of function evaluations (NFE); under gradient
+:class:`pcdeq.solver.stats.SolverStats` whose ``iters`` is the number of function evaluations (NFE); under gradient
 tracking the backward records the adjoint solve's (BNFE, adjoint on) when it runs, as the implicit backward of the
 equilibrium families does. A solve that torchdiffeq stops (step cap reached, step size underflow, non-finite
 state) is not an exception: the forward returns NaN and records every sample as not converged (the training loop
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torchdiffeq import odeint, odeint_adjoint
 
-from pcdeq.solvers import SolverConfig, SolverStats, register_solver
+from pcdeq.solver import register_solver
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats
 
 from .odefunc import ConvODEFunc
 

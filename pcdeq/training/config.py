@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from pcdeq.errors import ConfigError
 from pcdeq.family import EquilibriumNet, build_net, get_family
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 from pcdeq.training import schema  # noqa: F401  (registers the config schemas in Hydra's ConfigStore)
 from pcdeq.training.data import EquilibriumDataModule
 from pcdeq.training.device import loader_settings

@@ -3,7 +3,7 @@
 The YAML files under ``conf/`` start from these schemas (``defaults: [schema, _self_]``), so a mistyped key
 (``optim.lrr=1``) or a value of the wrong type (``seed=abc``) fails at composition with Hydra's own message,
 before anything runs. The schemas of the ``model`` group are built from each registered family's options
-dataclass (:attr:`pcdeq.family.Family.options`); the ``solver`` group uses :class:`pcdeq.solvers.SolverConfig`
+dataclass (:attr:`pcdeq.family.Family.options`); the ``solver`` group uses :class:`pcdeq.solver.config.SolverConfig`
 itself, the one shape of solver settings.
 
 The valid range of every numeric key (and the names of every choice key) is declared beside its field,
@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from pcdeq.family import FAMILIES, Family
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import SolverConfig
 from pcdeq.training.optim import OPTIMIZERS, SCHEDULES
 
 UINT32_MAX = 2**32 - 1  # seeds are 32-bit
