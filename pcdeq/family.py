@@ -8,7 +8,7 @@ networks only through that contract, never through attribute guesses.
 
 Adding a family takes one module that calls :func:`register_family` and one config file
 ``conf/model/<family>_<arch>.yaml`` (see the README, "Adding a model family"). A family named ``name`` that is
-not registered yet is imported from the module ``pcdeq.<name>`` on first use.
+not registered yet is imported from the module ``pcdeq.families.<name>`` on first use.
 """
 
 from __future__ import annotations
@@ -145,14 +145,14 @@ def register_family(family: Family) -> Family:
 
 
 def get_family(name: str) -> Family:
-    """The registered family ``name``; a family not registered yet is imported from ``pcdeq.<name>``.
+    """The registered family ``name``; a family not registered yet is imported from ``pcdeq.families.<name>``.
 
     Raises:
         ConfigError: no such family; the message lists the registered ones.
     """
     if name not in FAMILIES:
         try:
-            importlib.import_module(f"pcdeq.{name}")
+            importlib.import_module(f"pcdeq.families.{name}")
         except ImportError:
             pass
     if name not in FAMILIES:

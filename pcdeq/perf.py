@@ -46,5 +46,5 @@ def plain_solver(solver: SolverConfig | None = None) -> SolverConfig:
 
 
 def plain_model_options() -> dict[str, str | bool]:
-    """The pcDEQ model options at their plain values (keyword arguments of :func:`pcdeq.models.build_model`)."""
+    """The pcDEQ model options at their plain values (keyword arguments of :func:`pcdeq.build_model`)."""
     return {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("model.")}

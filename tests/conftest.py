@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.solver.config import SolverConfig
 
 Tensor = torch.Tensor

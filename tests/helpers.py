@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pcdeq.mondeq import build_mondeq
+from pcdeq.families.mondeq import build_mondeq
 from pcdeq.solver.config import SolverConfig
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

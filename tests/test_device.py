@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from pcdeq.bench.syncs import SyncCounter
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.family import build_net, get_family
-from pcdeq.layer import PcDEQLayer
 from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import _solves_by_direction
 

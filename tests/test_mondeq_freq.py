@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pcdeq.errors import ConfigError
-from pcdeq.mondeq import ConvTiersMonotone, build_mondeq
-from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
+from pcdeq.families.mondeq import ConvTiersMonotone, build_mondeq
+from pcdeq.families.mondeq.splitting import SplittingProblem, peaceman_rachford
 from pcdeq.solver.config import SolverConfig
 from tests.helpers import splitting, tiny_model
 

@@ -1,4 +1,5 @@
-"""The Neural ODE family (pcdeq.node): sizes, the ODE solve against closed forms, gradients, NFE, failures, configs.
+"""The Neural ODE family (pcdeq.families.node): sizes, the ODE solve against closed forms, gradients, NFE,
+failures, configs.
 
 Oracles: the parameter formulas of the reference (written out here), the matrix exponential for a linear ODE and
 its autograd gradient, central finite differences, a forward hook counting the ODE function's calls.
@@ -16,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from pcdeq.errors import ConfigError
+from pcdeq.families.node import ConvODEFunc, NeuralODE, build_node, solve_ode
+from pcdeq.families.node.odefunc import with_time
 from pcdeq.family import build_net
-from pcdeq.node import ConvODEFunc, NeuralODE, build_node, solve_ode
-from pcdeq.node.odefunc import with_time
 from pcdeq.solver import get_solver
 from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import SolverStats

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.solver import get_solver
 from pcdeq.solver.anderson import anderson
 from pcdeq.solver.config import SolverConfig

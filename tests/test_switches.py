@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from pcdeq.activations import ACTIVATIONS, register_activation
-from pcdeq.certificate import collatz_wielandt_bound
+from pcdeq.families.pcdeq.certificate import collatz_wielandt_bound
+from pcdeq.families.pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.models import build_network
 from pcdeq.family import build_net
-from pcdeq.layer import PcDEQLayer
-from pcdeq.models import build_network
 from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.fixed_point import fixed_point_iter
 from pcdeq.solver.precision import BF16_SWITCH
@@ -776,7 +776,7 @@ def test_compiled_steps_match_plain_path(oracle, kind: str) -> None:
 
 
 def test_plain_overrides_compose_into_a_plain_run() -> None:
-    from pcdeq.models import PcDEQNet
+    from pcdeq.families.pcdeq.models import PcDEQNet
     from pcdeq.perf import PLAIN, plain_overrides
     from pcdeq.training.config import net_from_config
     from tests.helpers import compose_train, resolved

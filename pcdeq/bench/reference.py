@@ -22,7 +22,7 @@ from pcdeq.bench.floor import run_hooked
 from pcdeq.bench.setup import Setup
 from pcdeq.bench.timing import Variant
 from pcdeq.datasets import get_spec
-from pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.training.optim import build_optimizer
 
 Tensor = torch.Tensor

@@ -57,8 +57,9 @@ def register_solver(name: str, fn: SolverFn, kind: str = "map") -> None:
         name: registry key (``solver.fwd_solver`` / ``solver.bwd_solver`` in the configs).
         fn: the solver. Kind "map": ``fn(f, z0, *, tol, max_iter, stop_mode)`` as :func:`fixed_point_iter`;
             kind "splitting": ``fn(problem, alpha, *, tol, max_iter, stop_mode)`` as monDEQ's
-            :func:`pcdeq.mondeq.splitting.peaceman_rachford`.
-            kind "ode": ``fn(func, y0, *, solver)`` as the Neural ODE family's :func:`pcdeq.node.solve.ode_solver`.
+            :func:`pcdeq.families.mondeq.splitting.peaceman_rachford`.
+            kind "ode": ``fn(func, y0, *, solver)`` as the Neural ODE family's
+            :func:`pcdeq.families.node.solve.ode_solver`.
         kind: the problem the solver takes; a model family runs solvers of one kind.
     """
     SOLVERS[name] = fn

@@ -94,7 +94,7 @@ class SolverConfig:
             rounding) or "spatial" (circular convolutions, the plain path). The fully connected model has
             no frequency form and ignores it.
 
-    ODE solve (the Neural ODE family, :mod:`pcdeq.node`; the fixed-point families ignore these):
+    ODE solve (the Neural ODE family, :mod:`pcdeq.families.node`; the fixed-point families ignore these):
         ode_method: torchdiffeq's adaptive method, one of :data:`ODE_METHODS` (the ANODE paper: dopri5).
         ode_rtol / ode_atol: its relative and absolute error tolerances (> 0), forward and adjoint solve.
         ode_adjoint: gradients by the adjoint ODE (memory independent of the steps; the ANODE paper) or, off,

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from pcdeq.activations import get_activation
-from pcdeq.certificate import convergence_certificate
 from pcdeq.datasets import get_spec
 from pcdeq.errors import ConfigError
+from pcdeq.families.pcdeq.certificate import convergence_certificate
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.family import Family, register_family
-from pcdeq.layer import PcDEQLayer
 from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import collect_stats, residual_histories
 
@@ -96,7 +96,7 @@ class PcDEQNet(nn.Sequential):
         return residual_histories(self)
 
     def certificate(self) -> dict[str, float]:
-        """The Collatz-Wielandt certificate of the last forward pass (see :mod:`pcdeq.certificate`)."""
+        """The Collatz-Wielandt certificate of the last forward pass (see :mod:`pcdeq.families.pcdeq.certificate`)."""
         return convergence_certificate(self)
 
     def describe(self) -> dict[str, Any]:
