@@ -11,7 +11,7 @@ Public API::
 """
 
 from pcdeq.activations import ACTIVATIONS, get_activation, register_activation
-from pcdeq.datasets import DATASET_SPECS, DatasetSpec, get_spec
+from pcdeq.dataset_specs import DATASET_SPECS, DatasetSpec, get_spec
 from pcdeq.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, OutputError, PcdeqUserError
 from pcdeq.families.mondeq import MonDEQ, build_mondeq
 from pcdeq.families.node import NeuralODE, build_node

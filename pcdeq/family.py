@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.solver import SOLVER_KINDS, solver_kind
 from pcdeq.solver.config import SolverConfig

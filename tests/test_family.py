@@ -122,7 +122,7 @@ import torch
 from dataclasses import dataclass
 from torch import nn
 from pcdeq.family import Family, register_family
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import SolverStats
 

@@ -40,7 +40,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError, OutputError, PcdeqUserError
 from pcdeq.solver.config import SolverConfig
 from pcdeq.training.checkpoint import check_resume_checkpoint

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
 from pcdeq.solver import get_solver
@@ -277,7 +277,7 @@ def build_mondeq(
 
     Args:
         arch: "fc", "conv" (single convolution) or "multitier".
-        dataset: a name from :data:`pcdeq.datasets.DATASET_SPECS` (gives input shape and classes).
+        dataset: a name from :data:`pcdeq.dataset_specs.DATASET_SPECS` (gives input shape and classes).
         channels: hidden width (fc, conv) or per-tier channels (multitier); None for the sizes above.
         m: strong-monotonicity parameter of I - W (paper: 1).
         positive_scalars: exp-reparametrise g, gn, h (conv models; our deviation: the authors use raw scalars,

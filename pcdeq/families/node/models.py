@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
 from pcdeq.solver.config import SolverConfig
@@ -159,7 +159,7 @@ def build_node(arch: str, dataset: str, *, channels: Any = None, augment_dim: in
 
     Args:
         arch: "conv" or "aug_conv".
-        dataset: a name from :data:`pcdeq.datasets.DATASET_SPECS` (gives input shape and classes).
+        dataset: a name from :data:`pcdeq.dataset_specs.DATASET_SPECS` (gives input shape and classes).
         channels: filters F of the ODE function; None for the sizes above.
         augment_dim: appended zero channels (aug_conv; None: the paper's for the dataset).
         solver: the ODE settings (default :data:`PAPER_SOLVER`).

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pcdeq.activations import get_activation
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.families.pcdeq.certificate import convergence_certificate
 from pcdeq.families.pcdeq.layer import PcDEQLayer
