@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.config import Settings
 
 PLAIN: dict[str, str | bool] = {
     "solver.jacobian": "autograd",
@@ -39,10 +39,11 @@ def plain_overrides() -> list[str]:
     return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in PLAIN.items()]
 
 
-def plain_solver(solver: SolverConfig | None = None) -> SolverConfig:
-    """``solver`` (default: the defaults) with every solver switch at its plain value."""
+def plain_solver(solver: Settings) -> Settings:
+    """``solver`` with every solver switch it has (its family's and the shared ones) at its plain value."""
+    own = {f.name for f in dataclasses.fields(solver)}
     keys: dict[str, Any] = {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("solver.")}
-    return dataclasses.replace(solver or SolverConfig(), **keys)
+    return dataclasses.replace(solver, **{k: v for k, v in keys.items() if k in own})
 
 
 def plain_model_options() -> dict[str, str | bool]:

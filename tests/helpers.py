@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcdeq.families.mondeq import build_mondeq
-from pcdeq.solver.config import SolverConfig
+from pcdeq.families.mondeq.solver_config import MondeqSolverConfig
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -39,10 +39,10 @@ TINY = {"fc": 6, "conv": 3, "multitier": (2, 3, 4)}
 
 
 def splitting(solver: str = "peaceman_rachford", alpha: float = 1.0, tol: float = 1e-2, max_iter: int = 300,
-              **kw) -> SolverConfig:
+              **kw) -> MondeqSolverConfig:
     """monDEQ solver settings, the same forward and backward (as the authors)."""
-    return SolverConfig(fwd_solver=solver, bwd_solver=solver, alpha=alpha, fwd_tol=tol, bwd_tol=tol,
-                        fwd_max_iter=max_iter, bwd_max_iter=max_iter, **{"stop_mode": "batch", **kw})
+    return MondeqSolverConfig(fwd_solver=solver, bwd_solver=solver, alpha=alpha, fwd_tol=tol, bwd_tol=tol,
+                              fwd_max_iter=max_iter, bwd_max_iter=max_iter, **{"stop_mode": "batch", **kw})
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, m: float = 1.0,

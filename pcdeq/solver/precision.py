@@ -16,6 +16,7 @@ from pcdeq.solver.stats import SolverStats
 from pcdeq.solver.stopping import EVERY_ITERATION, CheckSchedule, FixedPointMap
 
 Tensor = torch.Tensor
+PRECISIONS = ("off", "mixed", "bf16")  # the values of solver.precision: no bfloat16 phase, mixed, bfloat16 only
 BF16_SWITCH = torch.finfo(torch.bfloat16).eps  # 2^-7: the relative step below which bfloat16 rounding dominates
 
 

@@ -1,7 +1,7 @@
 """Startup checks of a run: every declared range and choice, the rules between keys, the output directory.
 
 The valid values live beside the schema fields (``metadata=valid(...)`` in :mod:`pcdeq.training.schema`; the
-solver group's in :class:`pcdeq.solver.config.SolverConfig`; the Trainer arguments in
+solver group's in :func:`~pcdeq.training.schema.solver_schema`; the Trainer arguments in
 :class:`~pcdeq.training.schema.TrainerKeys`). This module only reads those declarations, so declaring a range
 is all it takes to get a new key checked. A failure is a :class:`~pcdeq.errors.ConfigError` (an unwritable output:
 :class:`~pcdeq.errors.OutputError`) whose one-line message names the key, the value, the valid values and an
@@ -42,7 +42,6 @@ from omegaconf import DictConfig
 
 from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError, OutputError, PcdeqUserError
-from pcdeq.solver.config import SolverConfig
 from pcdeq.training.checkpoint import check_resume_checkpoint
 from pcdeq.training.config import net_from_config
 from pcdeq.training.device import check_devices
@@ -53,13 +52,14 @@ from pcdeq.training.schema import (
     SchedulerConfig,
     TrainConfig,
     TrainerKeys,
+    solver_schema,
 )
 
 log = logging.getLogger("pcdeq")
 
 # Where each schema sits in a composed config ("" is the top level).
 TRAIN_GROUPS: dict[str, type] = {"": TrainConfig, "dataset": DatasetConfig, "optim": OptimConfig,
-                                 "optim.scheduler": SchedulerConfig, "solver": SolverConfig, "trainer": TrainerKeys}
+                                 "optim.scheduler": SchedulerConfig, "solver": solver_schema(), "trainer": TrainerKeys}
 EVAL_GROUPS: dict[str, type] = {"": EvalConfig, "trainer": TrainerKeys}
 # The keys each schedule needs (optim.scheduler.<key>).
 SCHEDULE_KEYS = {"multistep": ("milestones",), "step": ("step_size",),

@@ -35,6 +35,7 @@ from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import SolverStats, collect_stats, residual_histories
 
 from .operators import ConvTiersMonotone, DenseMonotone
+from .solver_config import MondeqSolverConfig
 from .splitting import ImplicitBackwardSpec, SplittingProblem, implicit_backward, tune_alpha
 
 Tensor = torch.Tensor
@@ -70,7 +71,7 @@ class _LastTierHead(nn.Module):
 
 
 # The authors' solver settings (paper: Peaceman-Rachford, tol 1e-2, 300 iterations, whole-batch residual).
-PAPER_SOLVER = SolverConfig(
+PAPER_SOLVER = MondeqSolverConfig(
     fwd_solver="peaceman_rachford", fwd_tol=1e-2, fwd_max_iter=300,
     bwd_solver="peaceman_rachford", bwd_tol=1e-2, bwd_max_iter=300,
     stop_mode="batch", alpha=1.0, alpha_tuning=True, bwd_bias="prox",
@@ -120,8 +121,8 @@ class MonDEQ(nn.Module):
         self.head = head
         self.input_shape = tuple(input_shape)
         self.pad_input = pad_input
-        self.solver = solver
-        self.alpha = float(solver.alpha)
+        self.solver = MondeqSolverConfig.of(solver)
+        self.alpha = float(self.solver.alpha)
         self.last_stats: dict[str, SolverStats | None] = {"forward": None, "backward": None}
 
     # alpha is state worth checkpointing (it is tuned during training) but not a parameter

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from pcdeq.solver import get_solver, register_solver
-from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import SolverStats
 from pcdeq.solver.stopping import check_solver_args, finish_stats, relative_residual
+
+from .solver_config import MondeqSolverConfig
 
 Tensor = torch.Tensor
 Tiers = list[Tensor]
@@ -212,7 +213,7 @@ class ImplicitBackwardSpec:
     resolvent: Any
     active: Tiers
     alpha: float
-    solver: SolverConfig
+    solver: MondeqSolverConfig
     record: Callable[[SolverStats], None]
 
 

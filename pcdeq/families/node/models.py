@@ -35,6 +35,7 @@ from pcdeq.solver.stats import SolverStats, collect_stats
 
 from .odefunc import ConvODEFunc
 from .solve import solve_ode
+from .solver_config import NodeSolverConfig
 
 Tensor = torch.Tensor
 
@@ -46,8 +47,8 @@ PAPER_SIZES: dict[str, dict[str, int | tuple[int, ...]]] = {
 PAPER_AUGMENT = {"digits": 2, "mnist": 5, "svhn": 10, "cifar10": 10, "cifar10_aug": 10}
 
 # The ANODE paper's solver: dopri5, rtol = atol = 1e-3, at most 1000 steps, gradients by the adjoint method.
-PAPER_SOLVER = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_method="dopri5",
-                            ode_rtol=1e-3, ode_atol=1e-3, ode_adjoint=True, ode_max_num_steps=1000)
+PAPER_SOLVER = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_method="dopri5",
+                                ode_rtol=1e-3, ode_atol=1e-3, ode_adjoint=True, ode_max_num_steps=1000)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class NeuralODE(nn.Module):
         num_classes: outputs of the linear head.
         filters: hidden channels F of the ODE function.
         augment_dim: appended zero channels A (0: NODE).
-        solver: the ``ode_*`` settings.
+        solver: the ``ode_*`` settings (a plain :class:`~pcdeq.solver.config.SolverConfig` takes their defaults).
     """
 
     family = "node"
@@ -90,7 +91,7 @@ class NeuralODE(nn.Module):
         self.augment_dim = augment_dim
         self.func = ConvODEFunc(c + augment_dim, filters)
         self.head = nn.Linear((c + augment_dim) * h * w, num_classes)
-        self.solver = solver
+        self.solver = NodeSolverConfig.of(solver)
         self.last_stats: dict[str, SolverStats | None] = {"forward": None, "backward": None}
 
     def _record(self, direction: str, stats: SolverStats) -> None:

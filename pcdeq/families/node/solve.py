@@ -20,10 +20,10 @@ import torch
 from torchdiffeq import odeint, odeint_adjoint
 
 from pcdeq.solver import register_solver
-from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import SolverStats
 
 from .odefunc import ConvODEFunc
+from .solver_config import NodeSolverConfig
 
 Tensor = torch.Tensor
 Recorder = Callable[[str, SolverStats], None]
@@ -51,7 +51,7 @@ def solve_stats(nfe: int, batch_size: int, failure: str | None) -> SolverStats:
                        nonfinite=failure == "non-finite")
 
 
-def _warn(direction: str, failure: str, solver: SolverConfig, error: AssertionError) -> None:
+def _warn(direction: str, failure: str, solver: NodeSolverConfig, error: AssertionError) -> None:
     fix = (f"raise solver.ode_max_num_steps (now {solver.ode_max_num_steps}) or relax solver.ode_rtol/ode_atol"
            if failure == "step cap" else "lower optim.lr or check the inputs for NaN")
     log.warning("%s ODE solve stopped (%s): %s; %s", direction, failure, str(error).split(":")[0], fix)
@@ -62,7 +62,7 @@ class OdeRun:
     """A configured solve of ``func`` that reports its statistics through ``record(direction, stats)``."""
 
     func: ConvODEFunc
-    solver: SolverConfig
+    solver: NodeSolverConfig
     record: Recorder
 
     def integrate(self, y0: Tensor, adjoint: bool) -> Tensor:
@@ -131,7 +131,7 @@ class _TrackedSolve(torch.autograd.Function):
         return (None, grad_y0, *grads)
 
 
-def solve_ode(func: ConvODEFunc, y0: Tensor, solver: SolverConfig, record: Recorder) -> Tensor:
+def solve_ode(func: ConvODEFunc, y0: Tensor, solver: NodeSolverConfig, record: Recorder) -> Tensor:
     """The state at t = 1 of dy/dt = func(t, y), y(0) = ``y0`` (the registered "torchdiffeq" solver).
 
     Args:
@@ -152,7 +152,7 @@ def solve_ode(func: ConvODEFunc, y0: Tensor, solver: SolverConfig, record: Recor
     return _TrackedSolve.apply(run, y0, *params)
 
 
-def ode_solver(func: ConvODEFunc, y0: Tensor, *, solver: SolverConfig,
+def ode_solver(func: ConvODEFunc, y0: Tensor, *, solver: NodeSolverConfig,
                record: Recorder | None = None) -> tuple[Tensor, SolverStats]:
     """:func:`solve_ode` in the registry's ``(solution, stats)`` form: y(1) and the forward solve's statistics
     (``record``, if given, receives every record, the backward's included)."""

@@ -32,6 +32,8 @@ from pcdeq.family import Family, register_family
 from pcdeq.solver.config import SolverConfig
 from pcdeq.solver.stats import collect_stats, residual_histories
 
+from .solver_config import PcdeqSolverConfig
+
 ARCHS = ("linear", "conv", "multiconv")
 
 # The paper's sizes (reference implementation); "digits" and the pairs marked "ours" are this project's choices
@@ -135,7 +137,7 @@ def build_network(
         The network (a :class:`PcDEQNet`).
     """
     act = get_activation(activation, variant)
-    solver = solver or SolverConfig()
+    solver = PcdeqSolverConfig.of(solver or PcdeqSolverConfig())
     c_in, side = int(input_shape[0]), int(input_shape[-1])
     PCDEQ.check_arch(arch)
     if arch == "multiconv":
@@ -218,7 +220,7 @@ PCDEQ = register_family(Family(
     default_sizes=DEFAULT_SIZES,
     build=build_model,
     solver_kind="map",
-    default_solver=SolverConfig(),
+    default_solver=PcdeqSolverConfig(),
     protocols={arch: "pcdeq" for arch in ARCHS},
     options=PcdeqOptions,
 ))
