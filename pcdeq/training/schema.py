@@ -155,10 +155,13 @@ def solver_schema() -> type:
     return make_dataclass("SolverConfig", entries)
 
 
-# Every solver key, optional: eval.py applies the ones given over the checkpoint's solver settings.
-_SOLVER_KEYS = typing.get_type_hints(solver_schema())
-SolverOverrides = make_dataclass("SolverOverrides",
-                                 [(name, hint | None, field(default=None)) for name, hint in _SOLVER_KEYS.items()])
+def solver_overrides() -> type:
+    """Every solver key of :func:`solver_schema`, optional: eval.py applies the ones given over the checkpoint's."""
+    return make_dataclass("SolverOverrides", [(name, hint | None, field(default=None))
+                                              for name, hint in typing.get_type_hints(solver_schema()).items()])
+
+
+SolverOverrides = solver_overrides()  # the keys of the families registered when this module is imported
 
 
 @dataclass
@@ -212,10 +215,11 @@ def model_schema(family: Family) -> type:
 
 
 def register_schemas() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent; families registered later can call it again)."""
+    """Store every schema in Hydra's ConfigStore (idempotent; families registered later call it again, so that
+    their model options and solver keys compose)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="eval_schema", node=EvalConfig(solver=solver_overrides()()))
     cs.store(group="dataset", name="schema", node=DatasetConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="solver", name="schema", node=solver_schema())

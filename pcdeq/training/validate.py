@@ -61,6 +61,13 @@ log = logging.getLogger("pcdeq")
 TRAIN_GROUPS: dict[str, type] = {"": TrainConfig, "dataset": DatasetConfig, "optim": OptimConfig,
                                  "optim.scheduler": SchedulerConfig, "solver": solver_schema(), "trainer": TrainerKeys}
 EVAL_GROUPS: dict[str, type] = {"": EvalConfig, "trainer": TrainerKeys}
+
+
+def train_groups() -> dict[str, type]:
+    """:data:`TRAIN_GROUPS` with the solver keys of every family registered by now (one registered later too)."""
+    return {**TRAIN_GROUPS, "solver": solver_schema()}
+
+
 # The keys each schedule needs (optim.scheduler.<key>).
 SCHEDULE_KEYS = {"multistep": ("milestones",), "step": ("step_size",),
                  "onecycle": ("max_lr", "up_epochs", "down_epochs")}
@@ -275,7 +282,7 @@ def validate_overrides(argv: Sequence[str], task: str = "train", conf_dir: str |
     name one of the group's files (Hydra's own groups, ``hydra/...``, and runs that extend ``hydra.searchpath``
     are left to Hydra). Raises :class:`ConfigError` on the first bad value.
     """
-    rules = schema_rules(TRAIN_GROUPS if task == "train" else EVAL_GROUPS)
+    rules = schema_rules(train_groups() if task == "train" else EVAL_GROUPS)
     groups: set[str] = set()
     if conf_dir is not None and not any(_override_key(a) == "hydra.searchpath" for a in argv):
         groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir() and p.name != "hydra"}
@@ -431,7 +438,7 @@ def validate_train(config: Mapping, overrides: Sequence[str] | None = None) -> N
         overrides: the command-line overrides, when known: they tell a protocol shortened on purpose
             (``trainer.max_epochs=3``) from a schedule set past the end by mistake.
     """
-    check_declared(config, TRAIN_GROUPS)
+    check_declared(config, train_groups())
     check_schedule(config, overrides)
     check_val_size(config)
     check_devices(config)
