@@ -1,13 +1,13 @@
 """The performance switches at their plain values: one list for the benchmark, the tests and the accuracy check.
 
-The defaults of :class:`pcdeq.solver.config.SolverConfig`, of the pcDEQ model options and of the optimiser are the
-fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and weight gradients
-through a tracked application, a residual check after every iteration, out-of-place iterations, no cached W, the
-first iteration's product computed from z = 0, one more application as the evaluation and training output, float32
-throughout, contiguous (NCHW) convolutions, torch's per-tensor optimiser loop, and for monDEQ W applied as spatial
-convolutions instead of in the frequency domain. The plain path is what the reference implementation does, so
-``make bench`` reports each switch's effect against it, and ``scripts/check_switches.py`` trains both ways to show
-the accuracy does not move.
+The defaults of the solver settings (the shared keys and the families' own), of the pcDEQ model options and of the
+optimiser are the fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and
+weight gradients through a tracked application, a residual check after every iteration, out-of-place iterations, no
+cached W, the first iteration's product computed from z = 0, one more application as the evaluation and training
+output, float32 throughout, contiguous (NCHW) convolutions, torch's per-tensor optimiser loop, and for monDEQ W
+applied as spatial convolutions instead of in the frequency domain. The plain path is what the reference
+implementation does, so ``make bench`` reports each switch's effect against it, and ``scripts/check_switches.py``
+trains both ways to show the accuracy does not move.
 """
 
 from __future__ import annotations
