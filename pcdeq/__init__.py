@@ -11,15 +11,18 @@ Public API::
 """
 
 from pcdeq.activations import ACTIVATIONS, get_activation, register_activation
-from pcdeq.certificate import collatz_wielandt_bound, convergence_certificate
-from pcdeq.datasets import DATASET_SPECS, DatasetSpec, get_spec
+from pcdeq.dataset_specs import DATASET_SPECS, DatasetSpec, get_spec
 from pcdeq.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, OutputError, PcdeqUserError
+from pcdeq.families.mondeq import MonDEQ, MondeqSolverConfig, build_mondeq
+from pcdeq.families.node import NeuralODE, NodeSolverConfig, build_node
+from pcdeq.families.pcdeq.certificate import collatz_wielandt_bound, convergence_certificate
+from pcdeq.families.pcdeq.layer import NonnegWeight, PcDEQLayer
+from pcdeq.families.pcdeq.models import PAPER_SIZES, PcDEQNet, build_model, build_network
+from pcdeq.families.pcdeq.solver_config import PcdeqSolverConfig
 from pcdeq.family import FAMILIES, EquilibriumNet, Family, build_net, get_family, register_family
-from pcdeq.layer import NonnegWeight, PcDEQLayer
-from pcdeq.models import PAPER_SIZES, PcDEQNet, build_model, build_network
-from pcdeq.mondeq import MonDEQ, build_mondeq
-from pcdeq.node import NeuralODE, build_node
-from pcdeq.solvers import SOLVERS, SolverConfig, SolverStats, collect_stats, get_solver, register_solver
+from pcdeq.solver import SOLVERS, get_solver, register_solver
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 __version__ = "0.2.0"
 
@@ -37,11 +40,14 @@ __all__ = [
     "EquilibriumNet",
     "Family",
     "MonDEQ",
+    "MondeqSolverConfig",
     "NeuralODE",
+    "NodeSolverConfig",
     "NonnegWeight",
     "OutputError",
     "PcDEQLayer",
     "PcDEQNet",
+    "PcdeqSolverConfig",
     "PcdeqUserError",
     "SolverConfig",
     "SolverStats",

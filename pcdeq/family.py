@@ -8,21 +8,22 @@ networks only through that contract, never through attribute guesses.
 
 Adding a family takes one module that calls :func:`register_family` and one config file
 ``conf/model/<family>_<arch>.yaml`` (see the README, "Adding a model family"). A family named ``name`` that is
-not registered yet is imported from the module ``pcdeq.<name>`` on first use.
+not registered yet is imported from the module ``pcdeq.families.<name>`` on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
-from pcdeq.solvers import SOLVER_KINDS, SolverConfig, solver_kind
+from pcdeq.solver import SOLVER_KINDS, solver_kind
+from pcdeq.solver.config import SolverConfig
 
 Tensor = torch.Tensor
 Size = int | tuple[int, ...]
@@ -48,7 +49,7 @@ class EquilibriumNet(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 
     def solver_stats(self) -> dict[str, dict[str, float]]:
-        """Statistics of the last forward and backward solves (see :func:`pcdeq.solvers.collect_stats`)."""
+        """Statistics of the last forward and backward solves (see :func:`pcdeq.solver.stats.collect_stats`)."""
         ...
 
     def project_(self) -> None:
@@ -87,8 +88,10 @@ class Family:
             the family's module).
         default_sizes: arch -> size for a dataset that ``sizes`` does not list.
         build: ``build(arch, dataset, *, channels, solver, **options) -> EquilibriumNet``.
-        solver_kind: the kind of registered solver the family runs (see :func:`pcdeq.solvers.register_solver`).
-        default_solver: solver settings used when none are given (the paper's).
+        solver_kind: the kind of registered solver the family runs (see :func:`pcdeq.solver.register_solver`).
+        default_solver: solver settings used when none are given (the paper's): an instance of the family's
+            class of solver settings, :class:`~pcdeq.solver.config.SolverConfig` or a subclass that declares the
+            family's own solver keys (see :attr:`solver_class`).
         protocols: arch -> training protocol set, ``conf/protocol/<set>/<dataset>.yaml``.
         options: a dataclass of the family's model options with their types and defaults (``activation``,
             ``m``, ...): the keys of ``conf/model/<family>.yaml`` besides family, arch, name and channels. The
@@ -120,6 +123,12 @@ class Family:
         """Names of the family's model options."""
         return tuple(f.name for f in fields(self.options)) if self.options is not None else ()
 
+    @property
+    def solver_class(self) -> type[SolverConfig]:
+        """The family's class of solver settings (the class of ``default_solver``): its fields are the solver keys
+        the family reads."""
+        return type(self.default_solver)
+
     def check_solver(self, solver: SolverConfig) -> None:
         """Raise ConfigError when the forward or backward solver is not of this family's kind."""
         for name in (solver.fwd_solver, solver.bwd_solver):
@@ -144,14 +153,14 @@ def register_family(family: Family) -> Family:
 
 
 def get_family(name: str) -> Family:
-    """The registered family ``name``; a family not registered yet is imported from ``pcdeq.<name>``.
+    """The registered family ``name``; a family not registered yet is imported from ``pcdeq.families.<name>``.
 
     Raises:
         ConfigError: no such family; the message lists the registered ones.
     """
     if name not in FAMILIES:
         try:
-            importlib.import_module(f"pcdeq.{name}")
+            importlib.import_module(f"pcdeq.families.{name}")
         except ImportError:
             pass
     if name not in FAMILIES:
@@ -181,7 +190,29 @@ def build_net(family: str, arch: str, dataset: str, *, channels: Size | None = N
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} for {family} models; valid: "
                           f"{', '.join(valid) or 'none'}")
-    solver = solver if solver is not None else fam.default_solver
+    solver = fam.solver_class.of(solver) if solver is not None else fam.default_solver
     fam.check_solver(solver)
     size = fam.paper_size(arch, dataset) if channels is None else channels
     return fam.build(arch, dataset, channels=size, solver=solver, **options)
+
+
+def solver_fields() -> dict[str, tuple[type[SolverConfig], Field[Any]]]:
+    """Every solver key of the registered families, the shared ones first: key -> (a class declaring it, its field).
+
+    The ``solver`` config group's schema (``solver.<key>`` on the command line) and the benchmarks' switches are
+    built from it. Two families may declare the same key only alike (type, default, declared range).
+
+    Raises:
+        ValueError: two families declare one key differently.
+    """
+    out: dict[str, tuple[type[SolverConfig], Field[Any]]] = {f.name: (SolverConfig, f) for f in fields(SolverConfig)}
+    for fam in FAMILIES.values():
+        cls = fam.solver_class
+        for f in fields(cls):
+            if f.name not in out:
+                out[f.name] = (cls, f)
+                continue
+            owner, known = out[f.name]
+            if (known.type, known.default, known.metadata) != (f.type, f.default, f.metadata):
+                raise ValueError(f"solver.{f.name} is declared differently by {owner.__name__} and {cls.__name__}")
+    return out

@@ -1,13 +1,13 @@
 """The performance switches at their plain values: one list for the benchmark, the tests and the accuracy check.
 
-The defaults of :class:`pcdeq.solvers.SolverConfig`, of the pcDEQ model options and of the optimiser are the
-fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and weight gradients
-through a tracked application, a residual check after every iteration, out-of-place iterations, no cached W, the
-first iteration's product computed from z = 0, one more application as the evaluation and training output, float32
-throughout, contiguous (NCHW) convolutions, torch's per-tensor optimiser loop, and for monDEQ W applied as spatial
-convolutions instead of in the frequency domain. The plain path is what the reference implementation does, so
-``make bench`` reports each switch's effect against it, and ``python -m pcdeq.bench.switches`` trains both ways to show
-the accuracy does not move.
+The defaults of the solver settings (the shared keys and the families' own), of the pcDEQ model options and of the
+optimiser are the fastest exact path. ``PLAIN`` turns every optimisation off: autograd vector-Jacobian products and
+weight gradients through a tracked application, a residual check after every iteration, out-of-place iterations, no
+cached W, the first iteration's product computed from z = 0, one more application as the evaluation and training
+output, float32 throughout, contiguous (NCHW) convolutions, torch's per-tensor optimiser loop, and for monDEQ W
+applied as spatial convolutions instead of in the frequency domain. The plain path is what the reference
+implementation does, so ``make bench`` reports each switch's effect against it, and ``python -m pcdeq.bench.switches``
+trains both ways to show the accuracy does not move.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pcdeq.solvers import SolverConfig
+from pcdeq.solver.config import Settings
 
 PLAIN: dict[str, str | bool] = {
     "solver.jacobian": "autograd",
@@ -39,12 +39,13 @@ def plain_overrides() -> list[str]:
     return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in PLAIN.items()]
 
 
-def plain_solver(solver: SolverConfig | None = None) -> SolverConfig:
-    """``solver`` (default: the defaults) with every solver switch at its plain value."""
+def plain_solver(solver: Settings) -> Settings:
+    """``solver`` with every solver switch it has (its family's and the shared ones) at its plain value."""
+    own = {f.name for f in dataclasses.fields(solver)}
     keys: dict[str, Any] = {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("solver.")}
-    return dataclasses.replace(solver or SolverConfig(), **keys)
+    return dataclasses.replace(solver, **{k: v for k, v in keys.items() if k in own})
 
 
 def plain_model_options() -> dict[str, str | bool]:
-    """The pcDEQ model options at their plain values (keyword arguments of :func:`pcdeq.models.build_model`)."""
+    """The pcDEQ model options at their plain values (keyword arguments of :func:`pcdeq.build_model`)."""
     return {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("model.")}

@@ -2,9 +2,9 @@
 
     python scripts/certificate_check.py <run dir>/checkpoints/last.ckpt [--data-dir data] [--n 10000]
 
-For each MNIST test image: the certificate (pcdeq.certificate, 10 power steps), the plain Collatz-Wielandt
-ratio with u = z*, and rho(J) of the dense float64 Jacobian J = diag(sigma'(W z* + x~)) W by power iteration
-(500 steps, checked against numpy's eigenvalues). Prints the largest and mean of each and the ratio
+For each MNIST test image: the certificate (pcdeq.families.pcdeq.certificate, 10 power steps), the plain
+Collatz-Wielandt ratio with u = z*, and rho(J) of the dense float64 Jacobian J = diag(sigma'(W z* + x~)) W by power
+iteration (500 steps, checked against numpy's eigenvalues). Prints the largest and mean of each and the ratio
 certificate / rho per image. Linear (dense) models only: their Jacobian is a small dense matrix.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from pcdeq.certificate import collatz_wielandt_bound
-from pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.certificate import collatz_wielandt_bound
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.training.module import EquilibriumModule
 
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig
+from pcdeq.families.pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.solver_config import PcdeqSolverConfig
+from pcdeq.solver.config import SolverConfig
 
 Tensor = torch.Tensor
 
@@ -73,9 +74,9 @@ def oracle_map(layer: PcDEQLayer, x: Tensor, act: str) -> Callable[[Tensor], Ten
     return lambda z: oa.fn(oracle_apply(layer, w, z) + x_inj)
 
 
-def tight_solver(tol: float = 1e-12, max_iter: int = 5000, stop_mode: str = "sample", **kw) -> SolverConfig:
+def tight_solver(tol: float = 1e-12, max_iter: int = 5000, stop_mode: str = "sample", **kw) -> PcdeqSolverConfig:
     """Float64-grade solver settings: converged to near machine precision, generous cap."""
-    return SolverConfig(
+    return PcdeqSolverConfig(
         fwd_tol=tol, bwd_tol=tol, fwd_max_iter=max_iter, bwd_max_iter=max_iter, stop_mode=stop_mode, **kw
     )
 

@@ -19,8 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pcdeq.mondeq import build_mondeq
-from pcdeq.solvers import SolverConfig
+from pcdeq.families.mondeq import build_mondeq
+from pcdeq.families.mondeq.solver_config import MondeqSolverConfig
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 _HOLD = ("import sys, time\nfrom pcdeq.training.runlock import run_lock\nwith run_lock(sys.argv[1]):\n"
@@ -57,10 +57,10 @@ TINY = {"fc": 6, "conv": 3, "multitier": (2, 3, 4)}
 
 
 def splitting(solver: str = "peaceman_rachford", alpha: float = 1.0, tol: float = 1e-2, max_iter: int = 300,
-              **kw) -> SolverConfig:
+              **kw) -> MondeqSolverConfig:
     """monDEQ solver settings, the same forward and backward (as the authors)."""
-    return SolverConfig(fwd_solver=solver, bwd_solver=solver, alpha=alpha, fwd_tol=tol, bwd_tol=tol,
-                        fwd_max_iter=max_iter, bwd_max_iter=max_iter, **{"stop_mode": "batch", **kw})
+    return MondeqSolverConfig(fwd_solver=solver, bwd_solver=solver, alpha=alpha, fwd_tol=tol, bwd_tol=tol,
+                              fwd_max_iter=max_iter, bwd_max_iter=max_iter, **{"stop_mode": "batch", **kw})
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, m: float = 1.0,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcdeq.certificate import collatz_wielandt_bound, convergence_certificate
-from pcdeq.layer import PcDEQLayer
-from pcdeq.models import build_model, build_network
+from pcdeq.families.pcdeq.certificate import collatz_wielandt_bound, convergence_certificate
+from pcdeq.families.pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.models import build_model, build_network
 
 Tensor = torch.Tensor
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcdeq.family import get_family
-from pcdeq.solvers import solver_kind
+from pcdeq.solver import solver_kind
 from pcdeq.training.config import net_from_config
 from tests.helpers import CONF, compose_train, resolved
 

@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 import torch
 
-from pcdeq.datasets import DATASET_SPECS, get_spec
+from pcdeq.dataset_specs import DATASET_SPECS, get_spec
 from pcdeq.errors import DataError, DataNotFoundError
 from pcdeq.training.data import _SOURCES, EquilibriumDataModule, _Source, dataset_summary
 

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from pcdeq.bench.syncs import SyncCounter
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.family import build_net, get_family
-from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig, _solves_by_direction
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import _solves_by_direction
 
 DEVICE = torch.device(os.environ.get("PCDEQ_TEST_DEVICE", "cuda"))
 FINISH_SYNCS = 3  # as in tests/test_gpu_guards.py: a solve's final statistics

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import pcdeq
-from pcdeq.family import FAMILIES, EquilibriumNet, build_net, get_family
-from pcdeq.solvers import SolverConfig
+from pcdeq.families.mondeq.solver_config import MondeqSolverConfig
+from pcdeq.family import FAMILIES, EquilibriumNet, Family, build_net, get_family, register_family, solver_fields
+from pcdeq.solver.config import SolverConfig
 from tests.helpers import CONF, compose_train
 
 FAMILY_ARCHS = [(f.name, arch) for f in FAMILIES.values() for arch in f.archs]
@@ -67,7 +71,7 @@ def test_solver_config_rejects_unknown_names_and_bad_alpha() -> None:
     with pytest.raises(pcdeq.ConfigError, match="unknown solver 'broyden'"):
         SolverConfig(fwd_solver="broyden")
     with pytest.raises(pcdeq.ConfigError, match="solver.alpha must be a positive"):
-        SolverConfig(alpha=0.0)
+        MondeqSolverConfig(alpha=0.0)
 
 
 def test_model_api_imports_without_the_training_stack() -> None:
@@ -85,7 +89,8 @@ def test_model_configs_match_the_registry(family: str, arch: str) -> None:
     assert cfg.model.name == f"{family}_{arch}" and cfg.model.family == family and cfg.model.arch == arch
     assert cfg.protocol.name == fam.protocols[arch]
     solver = OmegaConf.to_container(cfg.solver)
-    assert SolverConfig(**solver) == fam.default_solver
+    own = fam.solver_class.__dataclass_fields__  # the group holds every family's keys; the family reads its own
+    assert fam.solver_class(**{k: v for k, v in solver.items() if k in own}) == fam.default_solver
     size = fam.paper_size(arch, "mnist")
     assert cfg.model.channels == (list(size) if isinstance(size, tuple) else size)
 
@@ -101,8 +106,6 @@ def test_model_configs_match_the_registry(family: str, arch: str) -> None:
     ],
 )
 def test_schema_rejects_mistyped_keys_and_wrong_types(override: str, message: str) -> None:
-    from hydra.errors import ConfigCompositionException
-
     with pytest.raises(ConfigCompositionException, match=message.replace(".", r"\.").replace("'", ".")):
         compose_train(override)
 
@@ -122,8 +125,9 @@ import torch
 from dataclasses import dataclass
 from torch import nn
 from pcdeq.family import Family, register_family
-from pcdeq.datasets import get_spec
-from pcdeq.solvers import SolverConfig, SolverStats
+from pcdeq.dataset_specs import get_spec
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats
 
 
 @dataclass
@@ -215,3 +219,56 @@ def test_a_third_family_is_one_module_and_one_config_file(tmp_path: Path, monkey
     assert results["status"] == "completed" and results["family"] == "toyunrolled" and results["test/acc"] > 0.5
     assert results["fwd_iters"] == 2.0 and results["solver"] == "unrolled"
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+@dataclass
+class _DampedSolverConfig(SolverConfig):
+    """A family's own solver key, as a new family declares it (docs/extending.md)."""
+
+    damping: float = field(default=0.5, metadata={"valid": "(0, 1]", "example": "0.5"})
+
+
+def _toy_family(name: str, default_solver: SolverConfig) -> Family:
+    return Family(name=name, archs=("mlp",), sizes={"mlp": {}}, default_sizes={"mlp": 4}, build=lambda *a, **k: None,
+                  solver_kind="map", default_solver=default_solver, protocols={"mlp": "pcdeq"})
+
+
+def test_a_family_adds_solver_keys_that_stay_solver_keys_on_the_command_line() -> None:
+    from pcdeq.training.config import solver_config
+    from pcdeq.training.schema import register_schemas, solver_schema
+    from pcdeq.training.validate import check_declared, train_groups
+
+    register_family(_toy_family("toydamped", _DampedSolverConfig()))
+    try:
+        register_schemas()
+        assert "damping" in {f.name for f in dataclasses.fields(solver_schema())}
+        cfg = compose_train("model=pcdeq_linear", "solver.damping=0.7")
+        assert cfg.solver.damping == 0.7 and cfg.solver.alpha == 1.0  # one flat group: every family's keys
+        with pytest.raises(pcdeq.ConfigError, match=r"^solver\.damping=2: out of range; valid: a number in \(0, 1\]"):
+            check_declared({"solver": {"damping": 2}}, train_groups())
+        flat = OmegaConf.to_container(cfg.solver)
+        toy = solver_config(flat, get_family("toydamped"))
+        assert isinstance(toy, _DampedSolverConfig) and toy.damping == 0.7 and toy.fwd_tol == cfg.solver.fwd_tol
+        pc = solver_config(flat, get_family("pcdeq"))  # the other families read only their own keys
+        assert not hasattr(pc, "damping") and not hasattr(pc, "alpha") and pc.inplace is True
+    finally:
+        FAMILIES.pop("toydamped", None)
+        register_schemas()
+    with pytest.raises(ConfigCompositionException, match="Could not override 'solver.damping'"):
+        compose_train("model=pcdeq_linear", "solver.damping=0.7")  # gone with its family
+
+
+def test_two_families_may_share_a_solver_key_only_alike() -> None:
+    @dataclass
+    class Other(SolverConfig):
+        damping: float = field(default=0.9, metadata={"valid": "(0, 1]", "example": "0.5"})  # another default
+
+    register_family(_toy_family("toydamped", _DampedSolverConfig()))
+    register_family(_toy_family("toyother", Other()))
+    try:
+        with pytest.raises(ValueError, match="solver.damping is declared differently by _DampedSolverConfig and Other"):
+            solver_fields()
+    finally:
+        FAMILIES.pop("toydamped", None)
+        FAMILIES.pop("toyother", None)
+    assert "damping" not in solver_fields()

@@ -25,14 +25,14 @@ from hydra import compose, initialize_config_dir
 
 from pcdeq.bench.syncs import SyncCounter
 from pcdeq.family import build_net
-from pcdeq.solvers import _solves_by_direction
+from pcdeq.solver.stats import _solves_by_direction
 from pcdeq.training.pipeline import build_run, fit_and_test
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # every family and architecture at a few channels: the paths are the paper's, the sizes tiny
 TINY: dict[tuple[str, str], Any] = {("pcdeq", "linear"): 12, ("pcdeq", "conv"): 4, ("pcdeq", "multiconv"): [2, 3, 4],
                                     ("mondeq", "fc"): 10, ("mondeq", "conv"): 4, ("mondeq", "multitier"): [2, 3, 4]}
-FINISH_SYNCS = 3  # per solve, pcdeq.solvers.finish_stats: the residual mean, its max and the count above tol
+FINISH_SYNCS = 3  # per solve, pcdeq.solver.stopping.finish_stats: the residual mean, its max and the count above tol
 MODULE_HOOKS = ("training_step", "validation_step", "test_step", "on_train_batch_start", "on_train_batch_end",
                 "on_train_epoch_start", "on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end")
 CALLBACK_HOOKS = ("on_after_backward", "on_train_batch_end", "on_train_end", "on_train_epoch_end",

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from pcdeq.activations import ACTIVATIONS, register_activation
-from pcdeq.layer import NonnegWeight, PcDEQLayer
-from pcdeq.models import build_model
-from pcdeq.solvers import SolverStats, collect_stats
+from pcdeq.families.pcdeq.layer import NonnegWeight, PcDEQLayer
+from pcdeq.families.pcdeq.models import build_model
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 Tensor = torch.Tensor
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from pcdeq.activations import ACTIVATIONS, get_activation, register_activation
+from pcdeq.families.pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.models import PAPER_SIZES, build_model, build_network
 from pcdeq.family import get_family
-from pcdeq.layer import PcDEQLayer
-from pcdeq.models import PAPER_SIZES, build_model, build_network
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 

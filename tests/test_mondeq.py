@@ -1,4 +1,4 @@
-"""Tests of the monDEQ family (pcdeq.mondeq) against independent oracles.
+"""Tests of the monDEQ family (pcdeq.families.mondeq) against independent oracles.
 
 Oracles: dense matrices built by applying operators to unit vectors (inverse, adjoint, monotonicity), the
 fixed-point equation itself, central finite differences in float64 (implicit gradients) and hand-made
@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-from pcdeq.mondeq import build_mondeq, tune_alpha
-from pcdeq.mondeq.circular import cconv, cconv_t, down, down_t, freq_apply, kernel_spectrum
-from pcdeq.mondeq.splitting import SplittingProblem, forward_backward, peaceman_rachford
-from pcdeq.solvers import SolverConfig, collect_stats
+from pcdeq.families.mondeq import build_mondeq, tune_alpha
+from pcdeq.families.mondeq.circular import cconv, cconv_t, down, down_t, freq_apply, kernel_spectrum
+from pcdeq.families.mondeq.splitting import SplittingProblem, forward_backward, peaceman_rachford
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import collect_stats
 from tests.helpers import splitting, tiny_model
 
 
@@ -382,7 +383,7 @@ def test_backward_arrangements_reach_the_same_gradient_with_their_own_iterates()
 def test_authors_backward_iterates_follow_their_update_rule():
     # One hand-written step of the authors' backward from z = u = 0: u_half = 0, z_half = V^T 0 = 0, u = 0,
     # z = J (u + alpha g): the first iterate is alpha * J g, and the second applies V^T once to 2 z - u.
-    from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
+    from pcdeq.families.mondeq.splitting import SplittingProblem, peaceman_rachford
 
     torch.manual_seed(0)
     g = [torch.randn(2, 5, dtype=torch.float64)]
@@ -401,7 +402,7 @@ def test_authors_backward_iterates_follow_their_update_rule():
 def test_backward_skips_the_resolvent_of_zero_with_the_same_iterates():
     # The authors' backward starts from z = u = 0, so its first resolvent is applied to 0 and gives 0 (it is linear):
     # skip_zero_resolvent drops that application; iterates, residual history and solution are identical.
-    from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
+    from pcdeq.families.mondeq.splitting import SplittingProblem, peaceman_rachford
 
     torch.manual_seed(0)
     g = [torch.randn(2, 5, dtype=torch.float64)]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pcdeq.errors import ConfigError
-from pcdeq.mondeq import ConvTiersMonotone, build_mondeq
-from pcdeq.mondeq.splitting import SplittingProblem, peaceman_rachford
-from pcdeq.solvers import SolverConfig
+from pcdeq.families.mondeq import ConvTiersMonotone, build_mondeq
+from pcdeq.families.mondeq.solver_config import MondeqSolverConfig
+from pcdeq.families.mondeq.splitting import SplittingProblem, peaceman_rachford
 from tests.helpers import splitting, tiny_model
 
 # (channels, tier-0 grid): odd and even sizes, square and not; multi-tier grids (10, 14) -> (6, 8) -> (4, 5)
@@ -117,9 +117,9 @@ def test_fc_model_ignores_the_setting():
 
 
 def test_bad_setting_is_refused():
-    assert SolverConfig().mondeq_w == "frequency"
+    assert MondeqSolverConfig().mondeq_w == "frequency"
     with pytest.raises(ConfigError, match="unknown solver.mondeq_w 'fft'; valid choices: frequency, spatial"):
-        SolverConfig(mondeq_w="fft")
+        MondeqSolverConfig(mondeq_w="fft")
 
 
 @pytest.mark.parametrize("bias_in_prox", [False, True])

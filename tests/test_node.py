@@ -1,4 +1,5 @@
-"""The Neural ODE family (pcdeq.node): sizes, the ODE solve against closed forms, gradients, NFE, failures, configs.
+"""The Neural ODE family (pcdeq.families.node): sizes, the ODE solve against closed forms, gradients, NFE,
+failures, configs.
 
 Oracles: the parameter formulas of the reference (written out here), the matrix exponential for a linear ODE and
 its autograd gradient, central finite differences, a forward hook counting the ODE function's calls.
@@ -16,15 +17,17 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from pcdeq.errors import ConfigError
+from pcdeq.families.node import ConvODEFunc, NeuralODE, build_node, solve_ode
+from pcdeq.families.node.odefunc import with_time
+from pcdeq.families.node.solver_config import NodeSolverConfig
 from pcdeq.family import build_net
-from pcdeq.node import ConvODEFunc, NeuralODE, build_node, solve_ode
-from pcdeq.node.odefunc import with_time
-from pcdeq.solvers import SolverConfig, SolverStats, get_solver
+from pcdeq.solver import get_solver
+from pcdeq.solver.stats import SolverStats
 from pcdeq.training.config import net_from_config
 from pcdeq.training.validate import validate_overrides, validate_train
 from tests.helpers import CONF, compose_train, resolved
 
-TIGHT = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-9, ode_atol=1e-10)
+TIGHT = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-9, ode_atol=1e-10)
 
 
 def reference_count(c: int, h: int, w: int, filters: int, augment: int, classes: int = 10) -> int:
@@ -86,7 +89,7 @@ def test_linear_ode_matches_the_matrix_exponential(method: str) -> None:
     a, y0 = _linear_problem()
     field = LinearField(a)
     stats: dict[str, SolverStats] = {}
-    cfg = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_method=method, ode_rtol=1e-9,
+    cfg = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_method=method, ode_rtol=1e-9,
                        ode_atol=1e-10)
     with torch.no_grad():
         y1 = solve_ode(field, y0, cfg, stats.__setitem__)
@@ -96,7 +99,7 @@ def test_linear_ode_matches_the_matrix_exponential(method: str) -> None:
     assert stats["forward"].converged and stats["forward"].iters == field.evaluations > 0
     # the paper's tolerance is looser, but still close
     with torch.no_grad():
-        loose = solve_ode(field, y0, SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq"),
+        loose = solve_ode(field, y0, NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq"),
                           stats.__setitem__)
     assert (loose - exact).abs().max() < 1e-2
 
@@ -130,7 +133,7 @@ def test_gradient_of_a_linear_ode_matches_the_matrix_exponentials(adjoint: bool)
     w = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     field = LinearField(a)
     y0_solve = y0.clone().requires_grad_(True)
-    cfg = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-10, ode_atol=1e-11,
+    cfg = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-10, ode_atol=1e-11,
                        ode_adjoint=adjoint)
     stats: dict[str, SolverStats] = {}
     (solve_ode(field, y0_solve, cfg, stats.__setitem__) * w).sum().backward()
@@ -144,7 +147,7 @@ def test_gradient_of_a_linear_ode_matches_the_matrix_exponentials(adjoint: bool)
 
 def _tiny_net(augment: int, adjoint: bool = True) -> NeuralODE:
     torch.manual_seed(0)
-    cfg = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-9, ode_atol=1e-10,
+    cfg = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=1e-9, ode_atol=1e-10,
                        ode_adjoint=adjoint)
     return build_node("aug_conv" if augment else "conv", "digits", channels=3,
                       augment_dim=augment or None, solver=cfg).double()
@@ -203,7 +206,7 @@ def test_relu_model_adjoint_is_close_to_backprop_at_the_papers_tolerance() -> No
     grads = []
     for adjoint in (True, False):
         torch.manual_seed(0)
-        net = build_node("aug_conv", "digits", channels=4, solver=SolverConfig(
+        net = build_node("aug_conv", "digits", channels=4, solver=NodeSolverConfig(
             fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_adjoint=adjoint))
         _loss(net, x).backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.func.parameters()]))
@@ -230,7 +233,7 @@ def test_nfe_counts_every_evaluation_forward_and_backward() -> None:
 
 
 def test_step_cap_and_nan_are_reported_not_raised() -> None:
-    net = build_node("conv", "digits", channels=3, solver=SolverConfig(
+    net = build_node("conv", "digits", channels=3, solver=NodeSolverConfig(
         fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_max_num_steps=1, ode_rtol=1e-9, ode_atol=1e-9))
     x = torch.rand(4, 1, 8, 8)
     logits = net(x)
@@ -247,7 +250,7 @@ def test_adjoint_step_cap_is_reported_and_leaves_no_gradient() -> None:
     a, y0 = _linear_problem()
     field = LinearField(a)
     stats: dict[str, SolverStats] = {}
-    cfg = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_max_num_steps=20)
+    cfg = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_max_num_steps=20)
     y1 = solve_ode(field, y0, cfg, stats.__setitem__)
     assert stats["forward"].converged
     field.scale = 1e4  # the adjoint now faces a stiff field: it needs far more than 20 steps
@@ -273,9 +276,9 @@ def test_bad_model_keys_and_library_use() -> None:
     with pytest.raises(ConfigError, match="use model=node_aug_conv"):
         build_net("node", "conv", "mnist", augment_dim=3)
     with pytest.raises(ConfigError, match=r"solver.ode_rtol=0.0: out of range"):
-        SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=0.0)
+        NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_rtol=0.0)
     with pytest.raises(ConfigError, match="use solver=torchdiffeq for node_\\* models"):
-        build_net("node", "conv", "mnist", solver=SolverConfig())
+        build_net("node", "conv", "mnist", solver=NodeSolverConfig())
     with pytest.raises(ConfigError, match="takes one filter count"):
         build_net("node", "conv", "mnist", channels=[3, 4])
 

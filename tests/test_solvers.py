@@ -15,15 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import (
-    SolverConfig,
-    SolverStats,
-    anderson,
-    collect_stats,
-    fixed_point_iter,
-    get_solver,
-)
+from pcdeq.families.pcdeq.layer import PcDEQLayer
+from pcdeq.solver import get_solver
+from pcdeq.solver.anderson import anderson
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.fixed_point import fixed_point_iter
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 Tensor = torch.Tensor
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")

@@ -1,4 +1,4 @@
-"""The performance switches of SolverConfig (issue 10): every one gives the plain path's fixed point and gradients.
+"""The performance switches of PcdeqSolverConfig (issue 10): every one gives the plain path's fixed point and gradients.
 
 Plain path: jacobian=autograd, weight_grad=autograd, check=every, inplace=False, cache_weight=False,
 eval_output=apply, precision=off, skip_zero_product=False, contiguous tensors. Each switch alone, and all
@@ -27,18 +27,16 @@ import torch
 from torch import nn
 
 from pcdeq.activations import ACTIVATIONS, register_activation
-from pcdeq.certificate import collatz_wielandt_bound
+from pcdeq.families.pcdeq.certificate import collatz_wielandt_bound
+from pcdeq.families.pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.models import build_network
+from pcdeq.families.pcdeq.solver_config import PcdeqSolverConfig
 from pcdeq.family import build_net
-from pcdeq.layer import PcDEQLayer
-from pcdeq.models import build_network
-from pcdeq.solvers import (
-    BF16_SWITCH,
-    CheckSchedule,
-    SolverConfig,
-    SolverStats,
-    fixed_point_iter,
-    full_history,
-)
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.fixed_point import fixed_point_iter
+from pcdeq.solver.precision import BF16_SWITCH
+from pcdeq.solver.stats import SolverStats
+from pcdeq.solver.stopping import CheckSchedule, full_history
 from pcdeq.training.optim import OPTIMIZERS
 
 Tensor = torch.Tensor
@@ -90,8 +88,8 @@ def _shape(kind: str, batch: int = 3) -> tuple[int, ...]:
     return (batch, 6) if kind == "dense" else (2, 2, 4, 4)
 
 
-def _solver(dtype: torch.dtype, **kw) -> SolverConfig:
-    """Plain-path settings changed by ``kw``; ``defaults=True`` starts from SolverConfig's own defaults instead.
+def _solver(dtype: torch.dtype, **kw) -> PcdeqSolverConfig:
+    """Plain-path settings changed by ``kw``; ``defaults=True`` starts from PcdeqSolverConfig's own defaults instead.
 
     float32 keeps the paper's solver (tol 1e-4, 200 iterations, whole-batch residual); float64 is tight.
     """
@@ -99,7 +97,7 @@ def _solver(dtype: torch.dtype, **kw) -> SolverConfig:
     if dtype == torch.float64:
         base.update(fwd_tol=TIGHT, bwd_tol=TIGHT, fwd_max_iter=3000, bwd_max_iter=3000)
     base.update(kw)
-    return SolverConfig(**base)
+    return PcdeqSolverConfig(**base)
 
 
 def _layer(kind: str, act: str, dtype: torch.dtype, solver: SolverConfig, oracle: SimpleNamespace,
@@ -390,7 +388,7 @@ def _documented_switch(a: float, b: float, n: int, tol: float) -> int:
 @pytest.mark.parametrize("tol", [1e-6, 0.05])
 def test_switch_over_at_bf16_threshold_or_tolerance(tol: float) -> None:
     # z <- z / 2 + 1 from 0: z_k = 2 - 2^(1-k), exact in bfloat16 for k <= 8; the relative step halves each time
-    cfg = SolverConfig(fwd_tol=tol, precision="mixed", check="every")
+    cfg = SolverConfig(fwd_tol=tol, check="every")
     calls = {"low": 0, "high": 0}
 
     def f(z: Tensor) -> Tensor:
@@ -403,7 +401,7 @@ def test_switch_over_at_bf16_threshold_or_tolerance(tol: float) -> None:
         assert z.dtype == torch.bfloat16
         return 0.5 * z + 1
 
-    z, stats = cfg.solve("fwd", f, torch.zeros(1, 4, dtype=torch.float64), f_low=f_low)
+    z, stats = cfg.solve("fwd", f, torch.zeros(1, 4, dtype=torch.float64), f_low=f_low, precision="mixed")
     expected = _documented_switch(0.5, 1.0, 4, tol)
     assert stats.low_precision_iters == calls["low"] == expected
     assert stats.iters == calls["low"] + calls["high"]
@@ -421,8 +419,8 @@ def test_switch_over_when_the_bf16_step_stalls() -> None:
         k["low"] += 1
         return torch.full_like(z, 1.0 + offsets[min(k["low"], len(offsets)) - 1])
 
-    cfg = SolverConfig(fwd_tol=1e-6, precision="mixed", check="every")
-    z, stats = cfg.solve("fwd", lambda z: 0.5 * z + 0.5, torch.zeros(2, 3), f_low=f_low)
+    cfg = SolverConfig(fwd_tol=1e-6, check="every")
+    z, stats = cfg.solve("fwd", lambda z: 0.5 * z + 0.5, torch.zeros(2, 3), f_low=f_low, precision="mixed")
     # iterates 2, 1.5, 1.25, 1.1, 0.9 (bfloat16: 1.1016, 0.8984); relative steps 1, 1/3, 1/5, 0.135, then
     # 0.226: the first step that does not decrease, so the switch comes after 5 iterations
     assert stats.low_precision_iters == 5 == k["low"]
@@ -779,7 +777,7 @@ def test_compiled_steps_match_plain_path(oracle, kind: str) -> None:
 
 
 def test_plain_overrides_compose_into_a_plain_run() -> None:
-    from pcdeq.models import PcDEQNet
+    from pcdeq.families.pcdeq.models import PcDEQNet
     from pcdeq.perf import PLAIN, plain_overrides
     from pcdeq.training.config import net_from_config
     from tests.helpers import compose_train, resolved
@@ -788,7 +786,9 @@ def test_plain_overrides_compose_into_a_plain_run() -> None:
     net = net_from_config(resolved(cfg, "model", "dataset", "solver"))
     assert isinstance(net, PcDEQNet)
     layers = [m for m in net.modules() if isinstance(m, PcDEQLayer)]
-    assert layers and all(getattr(m.solver, k.split(".", 1)[1]) == v
-                          for m in layers for k, v in PLAIN.items() if k.startswith("solver."))
+    plain = {k.split(".", 1)[1]: v for k, v in PLAIN.items() if k.startswith("solver.")}
+    assert all(cfg.solver[k] == v for k, v in plain.items())  # every switch reaches the composed config
+    own = PcdeqSolverConfig.__dataclass_fields__  # the layer reads the shared keys and pcDEQ's (not mondeq_w)
+    assert layers and all(getattr(m.solver, k) == v for m in layers for k, v in plain.items() if k in own)
     assert layers[0].W.v.is_contiguous()  # channels_last off (the default stores it channels-last)
     assert cfg.optim.fused is False and cfg.model.channels_last is False

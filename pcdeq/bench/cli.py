@@ -49,8 +49,8 @@ from pcdeq.bench.reference import import_reference
 from pcdeq.bench.report import finite, report
 from pcdeq.bench.setup import ARCHS, ROOT, progress, select_archs
 from pcdeq.errors import ConfigError
+from pcdeq.family import solver_fields
 from pcdeq.perf import PLAIN
-from pcdeq.solvers import SolverConfig
 from pcdeq.training.device import apply_tf32
 
 DEFAULT_JSON = ROOT / "results" / "bench" / "bench.json"
@@ -140,13 +140,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def parse_switches(items: Sequence[str]) -> dict[str, Any]:
-    """``--switch KEY=VALUE`` items as SolverConfig changes (true/false, numbers, strings), checked against it;
+    """``--switch KEY=VALUE`` items as solver-setting changes (true/false, numbers, strings), checked by the classes
+    that declare the keys (the shared SolverConfig and the families' own, :func:`pcdeq.family.solver_fields`);
     ``model.KEY=VALUE`` for a model performance option (one of :data:`pcdeq.perf.PLAIN`'s ``model.*`` keys).
 
     Raises:
         ValueError: an item without "=", a key that is not a solver setting, or a value it rejects.
     """
-    fields = {f.name for f in dataclasses.fields(SolverConfig)}
+    known = solver_fields()
+    fields = set(known)
     changes: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -167,7 +169,9 @@ def parse_switches(items: Sequence[str]) -> dict[str, Any]:
                     pass
         changes[key] = value
     try:
-        dataclasses.replace(SolverConfig(), **{k: v for k, v in changes.items() if k not in MODEL_SWITCHES})
+        for cls in dict.fromkeys(owner for owner, _ in known.values()):  # each class checks the keys it declares
+            names = {f.name for f in dataclasses.fields(cls)}
+            cls(**{k: v for k, v in changes.items() if k in names and k not in MODEL_SWITCHES})
     except ConfigError as err:
         raise ValueError(f"--switch: {err}") from None
     return changes

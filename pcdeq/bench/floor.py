@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pcdeq.bench.timing import Variant, median_ms
-from pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 
 Tensor = torch.Tensor
 

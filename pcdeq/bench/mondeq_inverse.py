@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pcdeq.mondeq import PAPER_SOLVER, build_mondeq
+from pcdeq.families.mondeq import PAPER_SOLVER, build_mondeq
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:

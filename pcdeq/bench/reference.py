@@ -21,8 +21,8 @@ from pcdeq.activations import get_activation
 from pcdeq.bench.floor import run_hooked
 from pcdeq.bench.setup import Setup
 from pcdeq.bench.timing import Variant
-from pcdeq.datasets import get_spec
-from pcdeq.layer import PcDEQLayer
+from pcdeq.dataset_specs import get_spec
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.training.optim import build_optimizer
 
 Tensor = torch.Tensor

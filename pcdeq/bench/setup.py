@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +165,14 @@ def build_ours(setup: Setup, plain: bool = False, **changes: Any) -> Any:
     model = setup.config["model"]
     family = get_family(model["family"])
     options = {k: model[k] for k in family.option_names() if k in model}
-    solver = solver_config(setup.config["solver"])
+    solver = solver_config(setup.config["solver"], family)
     if plain:
         solver = plain_solver(solver)
         options.update({k: v for k, v in plain_model_options().items() if k in options})
     model_changes = {k.removeprefix("model."): v for k, v in changes.items() if k.startswith("model.")}
     options.update({k: v for k, v in model_changes.items() if k in options})
-    solver = replace(solver, **{k: v for k, v in changes.items() if not k.startswith("model.")})
+    own = {f.name for f in fields(solver)}  # a switch of another family's solver keys does not apply here
+    solver = replace(solver, **{k: v for k, v in changes.items() if not k.startswith("model.") and k in own})
     torch.manual_seed(0)
     net = build_net(family.name, model["arch"], setup.config["dataset"]["name"], channels=model["channels"],
                     solver=solver, **options)

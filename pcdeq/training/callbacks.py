@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pcdeq.layer import NonnegWeight
+from pcdeq.families.pcdeq.layer import NonnegWeight
 
 
 class SanityCheck(L.Callback):

@@ -8,13 +8,14 @@ and the config schemas (:mod:`pcdeq.training.schema`), so the entry points impor
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from pcdeq.errors import ConfigError
-from pcdeq.family import EquilibriumNet, build_net, get_family
-from pcdeq.solvers import SolverConfig
+from pcdeq.family import EquilibriumNet, Family, build_net, get_family
+from pcdeq.solver.config import SolverConfig
 from pcdeq.training import schema  # noqa: F401  (registers the config schemas in Hydra's ConfigStore)
 from pcdeq.training.data import EquilibriumDataModule
 from pcdeq.training.device import loader_settings
@@ -66,9 +67,13 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-def solver_config(solver: Mapping) -> SolverConfig:
-    """:class:`SolverConfig` from the resolved ``solver`` group."""
-    return SolverConfig(**{k: v for k, v in solver.items() if k in SolverConfig.__dataclass_fields__})
+def solver_config(solver: Mapping, family: Family) -> SolverConfig:
+    """The family's solver settings (:attr:`~pcdeq.family.Family.solver_class`) from the resolved ``solver`` group.
+
+    The group holds every family's keys (one flat schema); the family's class takes the shared keys and its own.
+    """
+    names = {f.name for f in fields(family.solver_class)}
+    return family.solver_class(**{k: v for k, v in solver.items() if k in names})
 
 
 def net_from_config(cfg: Mapping) -> EquilibriumNet:
@@ -81,7 +86,7 @@ def net_from_config(cfg: Mapping) -> EquilibriumNet:
     family = get_family(model["family"])
     options = {k: model[k] for k in family.option_names() if k in model}
     return build_net(family.name, model["arch"], cfg["dataset"]["name"], channels=model["channels"],
-                     solver=solver_config(cfg["solver"]), **options)
+                     solver=solver_config(cfg["solver"], family), **options)
 
 
 def datamodule_from_config(cfg: Mapping, seed: int) -> EquilibriumDataModule:

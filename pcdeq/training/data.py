@@ -1,7 +1,7 @@
-"""The Lightning data module: every dataset name of :data:`pcdeq.datasets.DATASET_SPECS` through one class.
+"""The Lightning data module: every dataset name of :data:`pcdeq.dataset_specs.DATASET_SPECS` through one class.
 
 A small table (``_SOURCES``) maps each name to the files it needs on disk and a function that loads its train
-or test split; the static facts (shape, classes, normalisation) come from :mod:`pcdeq.datasets`.
+or test split; the static facts (shape, classes, normalisation) come from :mod:`pcdeq.dataset_specs`.
 
 Files are read by torchvision's own loaders. A file that is empty, truncated or damaged is named in one
 :class:`~pcdeq.errors.DataError` with the fix, instead of the loader's traceback: MNIST's IDX headers are checked
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate, random_split
 from torchvision import datasets, transforms
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError, DataError, DataNotFoundError
 
 

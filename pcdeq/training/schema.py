@@ -3,8 +3,9 @@
 The YAML files under ``conf/`` start from these schemas (``defaults: [schema, _self_]``), so a mistyped key
 (``optim.lrr=1``) or a value of the wrong type (``seed=abc``) fails at composition with Hydra's own message,
 before anything runs. The schemas of the ``model`` group are built from each registered family's options
-dataclass (:attr:`pcdeq.family.Family.options`); the ``solver`` group uses :class:`pcdeq.solvers.SolverConfig`
-itself, the one shape of solver settings.
+dataclass (:attr:`pcdeq.family.Family.options`); the schema of the ``solver`` group holds the shared keys of
+:class:`pcdeq.solver.config.SolverConfig` and every registered family's solver keys, flat (:func:`solver_schema`),
+so each is ``solver.<key>`` on the command line whichever family reads it.
 
 The valid range of every numeric key (and the names of every choice key) is declared beside its field,
 ``field(default=..., metadata=valid("(0, inf)", "5e-4"))``; :mod:`pcdeq.training.validate` reads these
@@ -22,8 +23,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from pcdeq.family import FAMILIES, Family
-from pcdeq.solvers import SolverConfig
+from pcdeq.family import FAMILIES, Family, solver_fields
 from pcdeq.training.optim import OPTIMIZERS, SCHEDULES
 
 UINT32_MAX = 2**32 - 1  # seeds are 32-bit
@@ -145,12 +145,23 @@ class TrainConfig:
     callbacks: Any = MISSING
 
 
-# Every SolverConfig key, optional: eval.py applies the ones given over the checkpoint's solver settings.
-SolverOverrides = make_dataclass(
-    "SolverOverrides",
-    [(f.name, hint | None, field(default=None))
-     for f, hint in ((f, typing.get_type_hints(SolverConfig)[f.name]) for f in fields(SolverConfig))],
-)
+def solver_schema() -> type:
+    """The ``solver`` group's schema: the shared solver keys and every registered family's, with their ranges.
+
+    Named SolverConfig, as the shared class is, so Hydra's messages about a solver key name the same schema.
+    """
+    entries = [(name, typing.get_type_hints(owner)[name], field(default=f.default, metadata=f.metadata))
+               for name, (owner, f) in solver_fields().items()]
+    return make_dataclass("SolverConfig", entries)
+
+
+def solver_overrides() -> type:
+    """Every solver key of :func:`solver_schema`, optional: eval.py applies the ones given over the checkpoint's."""
+    return make_dataclass("SolverOverrides", [(name, hint | None, field(default=None))
+                                              for name, hint in typing.get_type_hints(solver_schema()).items()])
+
+
+SolverOverrides = solver_overrides()  # the keys of the families registered when this module is imported
 
 
 @dataclass
@@ -204,13 +215,14 @@ def model_schema(family: Family) -> type:
 
 
 def register_schemas() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent; families registered later can call it again)."""
+    """Store every schema in Hydra's ConfigStore (idempotent; families registered later call it again, so that
+    their model options and solver keys compose)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="eval_schema", node=EvalConfig(solver=solver_overrides()()))
     cs.store(group="dataset", name="schema", node=DatasetConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
-    cs.store(group="solver", name="schema", node=SolverConfig)
+    cs.store(group="solver", name="schema", node=solver_schema())
     for family in FAMILIES.values():
         cs.store(group="model", name=f"{family.name}_schema", node=model_schema(family))
 

@@ -1,7 +1,7 @@
 """Startup checks of a run: every declared range and choice, the rules between keys, the output directory.
 
 The valid values live beside the schema fields (``metadata=valid(...)`` in :mod:`pcdeq.training.schema`; the
-solver group's in :class:`pcdeq.solvers.SolverConfig`; the Trainer arguments in
+solver group's in :func:`~pcdeq.training.schema.solver_schema`; the Trainer arguments in
 :class:`~pcdeq.training.schema.TrainerKeys`). This module only reads those declarations, so declaring a range
 is all it takes to get a new key checked. A failure is a :class:`~pcdeq.errors.ConfigError` (an unwritable output:
 :class:`~pcdeq.errors.OutputError`) whose one-line message names the key, the value, the valid values and an
@@ -40,9 +40,8 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError, OutputError, PcdeqUserError
-from pcdeq.solvers import SolverConfig
 from pcdeq.training.checkpoint import check_resume_checkpoint
 from pcdeq.training.config import net_from_config
 from pcdeq.training.device import check_devices
@@ -53,14 +52,22 @@ from pcdeq.training.schema import (
     SchedulerConfig,
     TrainConfig,
     TrainerKeys,
+    solver_schema,
 )
 
 log = logging.getLogger("pcdeq")
 
 # Where each schema sits in a composed config ("" is the top level).
 TRAIN_GROUPS: dict[str, type] = {"": TrainConfig, "dataset": DatasetConfig, "optim": OptimConfig,
-                                 "optim.scheduler": SchedulerConfig, "solver": SolverConfig, "trainer": TrainerKeys}
+                                 "optim.scheduler": SchedulerConfig, "solver": solver_schema(), "trainer": TrainerKeys}
 EVAL_GROUPS: dict[str, type] = {"": EvalConfig, "trainer": TrainerKeys}
+
+
+def train_groups() -> dict[str, type]:
+    """:data:`TRAIN_GROUPS` with the solver keys of every family registered by now (one registered later too)."""
+    return {**TRAIN_GROUPS, "solver": solver_schema()}
+
+
 # The keys each schedule needs (optim.scheduler.<key>).
 SCHEDULE_KEYS = {"multistep": ("milestones",), "step": ("step_size",),
                  "onecycle": ("max_lr", "up_epochs", "down_epochs")}
@@ -275,7 +282,7 @@ def validate_overrides(argv: Sequence[str], task: str = "train", conf_dir: str |
     name one of the group's files (Hydra's own groups, ``hydra/...``, and runs that extend ``hydra.searchpath``
     are left to Hydra). Raises :class:`ConfigError` on the first bad value.
     """
-    rules = schema_rules(TRAIN_GROUPS if task == "train" else EVAL_GROUPS)
+    rules = schema_rules(train_groups() if task == "train" else EVAL_GROUPS)
     groups: set[str] = set()
     if conf_dir is not None and not any(_override_key(a) == "hydra.searchpath" for a in argv):
         groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir() and p.name != "hydra"}
@@ -431,7 +438,7 @@ def validate_train(config: Mapping, overrides: Sequence[str] | None = None) -> N
         overrides: the command-line overrides, when known: they tell a protocol shortened on purpose
             (``trainer.max_epochs=3``) from a schedule set past the end by mistake.
     """
-    check_declared(config, TRAIN_GROUPS)
+    check_declared(config, train_groups())
     check_schedule(config, overrides)
     check_val_size(config)
     check_devices(config)

@@ -11,7 +11,7 @@ at the equilibrium (inactive components pinned to 0). Both directions therefore 
 
 Stopping (as the authors): the relative change ||z+ - z|| / (||z+|| + eps) of every tier, summed over tiers,
 over the whole batch (``stop_mode="batch"``) or per sample (``"sample"``: every sample must pass). A
-non-finite iterate ends the solve as a failure. Statistics are :class:`pcdeq.solvers.SolverStats`, as for
+non-finite iterate ends the solve as a failure. Statistics are :class:`pcdeq.solver.stats.SolverStats`, as for
 pcDEQ.
 """
 
@@ -24,15 +24,11 @@ from typing import Any
 
 import torch
 
-from pcdeq.solvers import (
-    SolverConfig,
-    SolverStats,
-    check_solver_args,
-    finish_stats,
-    get_solver,
-    register_solver,
-    relative_residual,
-)
+from pcdeq.solver import get_solver, register_solver
+from pcdeq.solver.stats import SolverStats
+from pcdeq.solver.stopping import check_solver_args, finish_stats, relative_residual
+
+from .solver_config import MondeqSolverConfig
 
 Tensor = torch.Tensor
 Tiers = list[Tensor]
@@ -217,7 +213,7 @@ class ImplicitBackwardSpec:
     resolvent: Any
     active: Tiers
     alpha: float
-    solver: SolverConfig
+    solver: MondeqSolverConfig
     record: Callable[[SolverStats], None]
 
 

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
-from pcdeq.solvers import SolverConfig, SolverStats, collect_stats, get_solver, residual_histories
+from pcdeq.solver import get_solver
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats, collect_stats, residual_histories
 
 from .operators import ConvTiersMonotone, DenseMonotone
+from .solver_config import MondeqSolverConfig
 from .splitting import ImplicitBackwardSpec, SplittingProblem, implicit_backward, tune_alpha
 
 Tensor = torch.Tensor
@@ -68,7 +71,7 @@ class _LastTierHead(nn.Module):
 
 
 # The authors' solver settings (paper: Peaceman-Rachford, tol 1e-2, 300 iterations, whole-batch residual).
-PAPER_SOLVER = SolverConfig(
+PAPER_SOLVER = MondeqSolverConfig(
     fwd_solver="peaceman_rachford", fwd_tol=1e-2, fwd_max_iter=300,
     bwd_solver="peaceman_rachford", bwd_tol=1e-2, bwd_max_iter=300,
     stop_mode="batch", alpha=1.0, alpha_tuning=True, bwd_bias="prox",
@@ -118,8 +121,8 @@ class MonDEQ(nn.Module):
         self.head = head
         self.input_shape = tuple(input_shape)
         self.pad_input = pad_input
-        self.solver = solver
-        self.alpha = float(solver.alpha)
+        self.solver = MondeqSolverConfig.of(solver)
+        self.alpha = float(self.solver.alpha)
         self.last_stats: dict[str, SolverStats | None] = {"forward": None, "backward": None}
 
     # alpha is state worth checkpointing (it is tuned during training) but not a parameter
@@ -275,7 +278,7 @@ def build_mondeq(
 
     Args:
         arch: "fc", "conv" (single convolution) or "multitier".
-        dataset: a name from :data:`pcdeq.datasets.DATASET_SPECS` (gives input shape and classes).
+        dataset: a name from :data:`pcdeq.dataset_specs.DATASET_SPECS` (gives input shape and classes).
         channels: hidden width (fc, conv) or per-tier channels (multitier); None for the sizes above.
         m: strong-monotonicity parameter of I - W (paper: 1).
         positive_scalars: exp-reparametrise g, gn, h (conv models; our deviation: the authors use raw scalars,

@@ -1,7 +1,7 @@
 """One ODE solve y(0) -> y(1) with torchdiffeq, its function-evaluation counts, and failures reported, not raised.
 
 The Neural ODE family's counterpart of the fixed-point solvers: the forward solve records a
-:class:`pcdeq.solvers.SolverStats` whose ``iters`` is the number of function evaluations (NFE); under gradient
+:class:`pcdeq.solver.stats.SolverStats` whose ``iters`` is the number of function evaluations (NFE); under gradient
 tracking the backward records the adjoint solve's (BNFE, adjoint on) when it runs, as the implicit backward of the
 equilibrium families does. A solve that torchdiffeq stops (step cap reached, step size underflow, non-finite
 state) is not an exception: the forward returns NaN and records every sample as not converged (the training loop
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 from torchdiffeq import odeint, odeint_adjoint
 
-from pcdeq.solvers import SolverConfig, SolverStats, register_solver
+from pcdeq.solver import register_solver
+from pcdeq.solver.stats import SolverStats
 
 from .odefunc import ConvODEFunc
+from .solver_config import NodeSolverConfig
 
 Tensor = torch.Tensor
 Recorder = Callable[[str, SolverStats], None]
@@ -49,7 +51,7 @@ def solve_stats(nfe: int, batch_size: int, failure: str | None) -> SolverStats:
                        nonfinite=failure == "non-finite")
 
 
-def _warn(direction: str, failure: str, solver: SolverConfig, error: AssertionError) -> None:
+def _warn(direction: str, failure: str, solver: NodeSolverConfig, error: AssertionError) -> None:
     fix = (f"raise solver.ode_max_num_steps (now {solver.ode_max_num_steps}) or relax solver.ode_rtol/ode_atol"
            if failure == "step cap" else "lower optim.lr or check the inputs for NaN")
     log.warning("%s ODE solve stopped (%s): %s; %s", direction, failure, str(error).split(":")[0], fix)
@@ -60,7 +62,7 @@ class OdeRun:
     """A configured solve of ``func`` that reports its statistics through ``record(direction, stats)``."""
 
     func: ConvODEFunc
-    solver: SolverConfig
+    solver: NodeSolverConfig
     record: Recorder
 
     def integrate(self, y0: Tensor, adjoint: bool) -> Tensor:
@@ -129,7 +131,7 @@ class _TrackedSolve(torch.autograd.Function):
         return (None, grad_y0, *grads)
 
 
-def solve_ode(func: ConvODEFunc, y0: Tensor, solver: SolverConfig, record: Recorder) -> Tensor:
+def solve_ode(func: ConvODEFunc, y0: Tensor, solver: NodeSolverConfig, record: Recorder) -> Tensor:
     """The state at t = 1 of dy/dt = func(t, y), y(0) = ``y0`` (the registered "torchdiffeq" solver).
 
     Args:
@@ -150,7 +152,7 @@ def solve_ode(func: ConvODEFunc, y0: Tensor, solver: SolverConfig, record: Recor
     return _TrackedSolve.apply(run, y0, *params)
 
 
-def ode_solver(func: ConvODEFunc, y0: Tensor, *, solver: SolverConfig,
+def ode_solver(func: ConvODEFunc, y0: Tensor, *, solver: NodeSolverConfig,
                record: Recorder | None = None) -> tuple[Tensor, SolverStats]:
     """:func:`solve_ode` in the registry's ``(solution, stats)`` form: y(1) and the forward solve's statistics
     (``record``, if given, receives every record, the backward's included)."""

@@ -5,7 +5,7 @@ map at z*, g(z*) = sigma(W z* + x~). Backward: the incoming gradient v is replac
 u = J^T u + v (J the Jacobian of the map at z*), so the gradients w.r.t. W, g, v and x are the exact implicit
 ones, and memory does not depend on the number of iterations.
 
-How the backward is computed is a set of switches in :class:`pcdeq.solvers.SolverConfig` (each measurable;
+How the backward is computed is a set of switches in :class:`.solver_config.PcdeqSolverConfig` (each measurable;
 the defaults are the fastest exact path, and every combination gives the same gradients):
 
 * ``weight_grad="direct"`` (default): one autograd Function maps (x~, W) to g(z*); its backward solves for u,
@@ -21,7 +21,7 @@ the defaults are the fastest exact path, and every combination gives the same gr
 
 The untracked iterations write their sums and activations in place (``inplace``), check the residual on the
 ``check`` schedule, can start in bfloat16 (``precision``) and can be compiled (``compile``); see
-:mod:`pcdeq.solvers`.
+:mod:`pcdeq.solver` and :mod:`.solver_config`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from torch.nn.grad import conv2d_weight
 
 from pcdeq.activations import Activation, get_activation
 from pcdeq.errors import ConfigError
-from pcdeq.solvers import SolverConfig, SolverStats
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats
+
+from .solver_config import PcdeqSolverConfig
 
 Tensor = torch.Tensor
 Map = Callable[[Tensor], Tensor]
@@ -138,7 +141,8 @@ class PcDEQLayer(nn.Module):
         kind: "dense" or "conv".
         activation: registry name (see :mod:`pcdeq.activations`).
         variant: optional check that the activation belongs to this variant ("pcdeq1" / "pcdeq2").
-        solver: forward/backward solver settings and the performance switches (see :class:`SolverConfig`).
+        solver: forward/backward solver settings and the performance switches (see :class:`PcdeqSolverConfig`; a
+            plain :class:`SolverConfig` takes the switches' defaults).
 
     Attributes:
         last_stats: ``{"forward": SolverStats, "backward": SolverStats}`` of the last call.
@@ -156,7 +160,7 @@ class PcDEQLayer(nn.Module):
         super().__init__()
         self.act = activation if isinstance(activation, Activation) else get_activation(activation, variant)
         self.W = NonnegWeight(channels, kind)
-        self.solver = solver or SolverConfig()
+        self.solver = PcdeqSolverConfig.of(solver or PcdeqSolverConfig())
         self.last_stats: dict[str, SolverStats] = {}
         self.last_fixed_point: tuple[Tensor, Tensor] | None = None
         self._previous: dict[str, int] = {}  # iterations of the last solve of each kind (check="prior")
@@ -230,7 +234,8 @@ class PcDEQLayer(nn.Module):
             f_low = None
             if cfg.precision != "off":
                 f_low = self._forward_step(w.to(torch.bfloat16), x_inj.to(torch.bfloat16))
-            z, stats = cfg.solve("fwd", f, z0, previous=self._previous.get(key), f_low=f_low, inplace=cfg.inplace)
+            z, stats = cfg.solve("fwd", f, z0, previous=self._previous.get(key), f_low=f_low,
+                                 inplace=cfg.inplace, precision=cfg.precision)
         self._previous[key] = stats.iters - stats.low_precision_iters
         self.last_stats = {"forward": stats}
         self.last_fixed_point = (z, x_inj.detach())
@@ -245,7 +250,7 @@ class PcDEQLayer(nn.Module):
             if cfg.precision != "off":
                 f_low = self._backward_step(s.to(torch.bfloat16), w.to(torch.bfloat16), grad.to(torch.bfloat16))
             u, stats = cfg.solve("bwd", f, grad, previous=self._previous.get("bwd"), f_low=f_low,
-                                 inplace=cfg.inplace)
+                                 inplace=cfg.inplace, precision=cfg.precision)
         self._previous["bwd"] = stats.iters - stats.low_precision_iters
         self.last_stats["backward"] = stats
         return u

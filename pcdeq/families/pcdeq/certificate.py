@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from pcdeq.layer import PcDEQLayer
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 
 Tensor = torch.Tensor
 

@@ -27,13 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
 from pcdeq.family import Family, register_family
-from pcdeq.solvers import SolverConfig, SolverStats, collect_stats
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import SolverStats, collect_stats
 
 from .odefunc import ConvODEFunc
 from .solve import solve_ode
+from .solver_config import NodeSolverConfig
 
 Tensor = torch.Tensor
 
@@ -45,8 +47,8 @@ PAPER_SIZES: dict[str, dict[str, int | tuple[int, ...]]] = {
 PAPER_AUGMENT = {"digits": 2, "mnist": 5, "svhn": 10, "cifar10": 10, "cifar10_aug": 10}
 
 # The ANODE paper's solver: dopri5, rtol = atol = 1e-3, at most 1000 steps, gradients by the adjoint method.
-PAPER_SOLVER = SolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_method="dopri5",
-                            ode_rtol=1e-3, ode_atol=1e-3, ode_adjoint=True, ode_max_num_steps=1000)
+PAPER_SOLVER = NodeSolverConfig(fwd_solver="torchdiffeq", bwd_solver="torchdiffeq", ode_method="dopri5",
+                                ode_rtol=1e-3, ode_atol=1e-3, ode_adjoint=True, ode_max_num_steps=1000)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class NeuralODE(nn.Module):
         num_classes: outputs of the linear head.
         filters: hidden channels F of the ODE function.
         augment_dim: appended zero channels A (0: NODE).
-        solver: the ``ode_*`` settings.
+        solver: the ``ode_*`` settings (a plain :class:`~pcdeq.solver.config.SolverConfig` takes their defaults).
     """
 
     family = "node"
@@ -89,7 +91,7 @@ class NeuralODE(nn.Module):
         self.augment_dim = augment_dim
         self.func = ConvODEFunc(c + augment_dim, filters)
         self.head = nn.Linear((c + augment_dim) * h * w, num_classes)
-        self.solver = solver
+        self.solver = NodeSolverConfig.of(solver)
         self.last_stats: dict[str, SolverStats | None] = {"forward": None, "backward": None}
 
     def _record(self, direction: str, stats: SolverStats) -> None:
@@ -158,7 +160,7 @@ def build_node(arch: str, dataset: str, *, channels: Any = None, augment_dim: in
 
     Args:
         arch: "conv" or "aug_conv".
-        dataset: a name from :data:`pcdeq.datasets.DATASET_SPECS` (gives input shape and classes).
+        dataset: a name from :data:`pcdeq.dataset_specs.DATASET_SPECS` (gives input shape and classes).
         channels: filters F of the ODE function; None for the sizes above.
         augment_dim: appended zero channels (aug_conv; None: the paper's for the dataset).
         solver: the ODE settings (default :data:`PAPER_SOLVER`).

@@ -18,7 +18,7 @@ to live only for one forward pass and its implicit backward; they are never stor
 
   The adjoint uses the conjugate transpose of every per-frequency matrix. The per-frequency part P of
   I - W (:func:`tier_spectrum`) is shared with W's frequency-domain application
-  (:class:`pcdeq.mondeq.operators.FrequencyW`), so one forward pass computes the kernel spectra once.
+  (:class:`pcdeq.families.mondeq.operators.FrequencyW`), so one forward pass computes the kernel spectra once.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class ConvResolvent:
         m: monotonicity parameter.
         alpha: splitting step.
         spectra: per-tier :func:`tier_spectrum` already computed from the same kernels (half spectrum on the
-            last tier, full on the others), e.g. by :class:`pcdeq.mondeq.operators.FrequencyW`; None: computed
+            last tier, full on the others), e.g. by :class:`pcdeq.families.mondeq.operators.FrequencyW`; None: computed
             here.
     """
 

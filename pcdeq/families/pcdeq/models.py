@@ -24,12 +24,15 @@ import torch
 from torch import nn
 
 from pcdeq.activations import get_activation
-from pcdeq.certificate import convergence_certificate
-from pcdeq.datasets import get_spec
+from pcdeq.dataset_specs import get_spec
 from pcdeq.errors import ConfigError
+from pcdeq.families.pcdeq.certificate import convergence_certificate
+from pcdeq.families.pcdeq.layer import PcDEQLayer
 from pcdeq.family import Family, register_family
-from pcdeq.layer import PcDEQLayer
-from pcdeq.solvers import SolverConfig, collect_stats, residual_histories
+from pcdeq.solver.config import SolverConfig
+from pcdeq.solver.stats import collect_stats, residual_histories
+
+from .solver_config import PcdeqSolverConfig
 
 ARCHS = ("linear", "conv", "multiconv")
 
@@ -95,7 +98,7 @@ class PcDEQNet(nn.Sequential):
         return residual_histories(self)
 
     def certificate(self) -> dict[str, float]:
-        """The Collatz-Wielandt certificate of the last forward pass (see :mod:`pcdeq.certificate`)."""
+        """The Collatz-Wielandt certificate of the last forward pass (see :mod:`pcdeq.families.pcdeq.certificate`)."""
         return convergence_certificate(self)
 
     def describe(self) -> dict[str, Any]:
@@ -134,7 +137,7 @@ def build_network(
         The network (a :class:`PcDEQNet`).
     """
     act = get_activation(activation, variant)
-    solver = solver or SolverConfig()
+    solver = PcdeqSolverConfig.of(solver or PcdeqSolverConfig())
     c_in, side = int(input_shape[0]), int(input_shape[-1])
     PCDEQ.check_arch(arch)
     if arch == "multiconv":
@@ -217,7 +220,7 @@ PCDEQ = register_family(Family(
     default_sizes=DEFAULT_SIZES,
     build=build_model,
     solver_kind="map",
-    default_solver=SolverConfig(),
+    default_solver=PcdeqSolverConfig(),
     protocols={arch: "pcdeq" for arch in ARCHS},
     options=PcdeqOptions,
 ))
