@@ -394,6 +394,8 @@ class Destinations:
 
 
 def _rel(d: Path, root: Path) -> Path:
+    """``d`` relative to the root the user named (run_dir in results.json is absolute, --root often not)."""
+    d, root = d.resolve(), root.resolve()
     return d.relative_to(root) if d.is_relative_to(root) else d
 
 
@@ -423,7 +425,7 @@ def write_report(index: RunIndex, tables: list[Table], root: Path, out: Path, co
     listed = counted | {d.resolve() for d, _, _ in [*index.problems, *index.superseded]}
     for d, holder in sorted(running.items()):  # locked before its launch.json is written: still loading
         if d not in listed:
-            lines.append(f"| {_running(holder)} | `{_rel(d, root.resolve())}` | none, not averaged in: in progress |")
+            lines.append(f"| {_running(holder)} | `{_rel(d, root)}` | none, not averaged in: in progress |")
     for d, status, _ in index.superseded:
         lines.append(f"| {status} | `{_rel(d, root)}` | none: superseded (the run completed in another directory) |")
     seen = counted | {d.resolve() for d, _, _ in [*index.problems, *index.superseded]}
