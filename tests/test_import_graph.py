@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pcdeq"
 
 CORE = {"pcdeq.errors", "pcdeq.activations", "pcdeq.solvers", "pcdeq.datasets", "pcdeq.results", "pcdeq.family",
-        "pcdeq.perf"}
+        "pcdeq.perf", "pcdeq.disk"}
 # each family's modules, by family; a family builds on the core only, never on another family
 FAMILY_MODULES = {
     "pcdeq": ("pcdeq.layer", "pcdeq.certificate", "pcdeq.models"),

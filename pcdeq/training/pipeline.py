@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -34,8 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import pcdeq
+from pcdeq.disk import DiskFullError, full_disk
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
-from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
+from pcdeq.results import atomic_write, atomic_write_json, completed_run, read_results, run_key, write_results
 from pcdeq.training.checkpoint import (
     check_same_run,
     continues_in_place,
@@ -50,6 +52,7 @@ from pcdeq.training.device import apply_tf32
 from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.quiet import silence_third_party
 from pcdeq.training.runlock import RunInUseError, run_lock
+from pcdeq.training.space import warn_if_no_room
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 
 log = logging.getLogger("pcdeq")
@@ -244,9 +247,15 @@ def fit_and_test(run: Run) -> tuple[str, dict[str, float], dict[str, float], flo
         # directory says what happened before the exception propagates.
         status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt, SystemExit)) else "failed"
         if trainer.is_global_zero and run.run_dir.is_dir():
-            write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
-                                                         "status": status, "error": repr(e),
-                                                         "started_at": run.started_at, "finished_at": _now()})
+            full = full_disk(e)  # the root cause (errno, file), not torch's secondary "unexpected pos" error
+            try:
+                write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
+                                                             "status": status,
+                                                             "error": full.record() if full else repr(e),
+                                                             "started_at": run.started_at, "finished_at": _now()})
+            except DiskFullError:
+                log.warning("the failure could not be recorded in %s: the disk is full too",
+                            run.run_dir / "results.json")
         raise
     finally:
         _finish_wandb(run.loggers)
@@ -323,6 +332,24 @@ def train(cfg: DictConfig) -> dict:
         # a cooperative worker (make reproduce-tables started twice): another process runs this one; go on
         log.info("running in another process, skipped (skip_if_done): %s (%s)", run_dir, e.holder)
         return {"status": "in_use", "run_dir": str(run_dir), "run_key": key, "holder": e.holder}
+    except Exception as e:
+        full = full_disk(e)
+        if full is None:
+            raise
+        raise full.with_fix("free space, or point hydra.run.dir / paths.log_dir elsewhere, then resume with: "
+                            f"{resume_command(config, run_dir)}") from None
+
+
+def resume_command(config: dict, run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: its overrides, the directory and its last checkpoint.
+
+    A run stopped before its first checkpoint starts again from its own ``ckpt_path`` (or none).
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = str(last) if last.is_file() else config.get("ckpt_path")
+    kept = [o for o in _overrides() if o.lstrip("+").partition("=")[0] not in ("ckpt_path", "hydra.run.dir")]
+    extra = [f"hydra.run.dir={run_dir}"] + ([f"ckpt_path={ckpt}"] if ckpt else [])
+    return " ".join(["python train.py", *(shlex.quote(o) for o in [*kept, *extra])])
 
 
 def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, started: str) -> dict:
@@ -336,12 +363,14 @@ def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, starte
     if run.trainer.is_global_zero:
         atomic_write_json(run_dir / "launch.json", {"run_key": key, "started_at": started, "pid": os.getpid(),
                                                     "host": platform.node()})
+        warn_if_no_room(run_dir, run.module, str(config["optim"]["name"]))
     status, fit_metrics, test_metrics, train_time = fit_and_test(run)
     results = {**base_results(run.config, run.module, run.run_dir), "started_at": started,
                **run_results(run, status, fit_metrics, test_metrics, train_time)}
-    if run.trainer.is_global_zero:
+    if run.trainer.is_global_zero:  # the config first: a completed results.json implies its config is there
+        text = OmegaConf.to_yaml(run.config)
+        atomic_write(run.run_dir / "config_resolved.yaml", lambda f: f.write(text.encode()))
         write_results(run.run_dir / "results.json", results)
-        OmegaConf.save(run.config, run.run_dir / "config_resolved.yaml")
         log.info("status %s, test acc %s, results: %s", status, results["test/acc"], run.run_dir / "results.json")
     return results
 
