@@ -35,7 +35,9 @@ Schema (version 2; version 1 lacked protocol, run_key, residual_history and the 
     metrics          dict     every final epoch-level metric (train/*, test/*, val/*)
     residual_history list     per equilibrium solve of the last test batch: the stopping residual after each
                               forward iteration (trained weights)
-    error            str      the failure message when status is failed
+    error            str      the failure message when status is failed (a full disk: the errno name, e.g.
+                              ENOSPC, and the file)
+    warm_start_from  dict     (train) checkpoint and run_key of another run's checkpoint it started from, or null
     checkpoint, source_run_key, solver_overrides, eval_time_s    (eval only) what was evaluated, how
 
 Next to it, ``launch.json`` (``run_key``, ``started_at``, ``pid``, ``host``) is written when a run starts: a

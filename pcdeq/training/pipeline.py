@@ -167,7 +167,18 @@ def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict
         "versions": _versions(),
         "overrides": overrides,
         "run_dir": str(run_dir),
+        **({"warm_start_from": warm_start_from(config)} if config.get("task_name", "train") == "train" else {}),
     }
+
+
+def warm_start_from(config: dict) -> dict | None:
+    """Where a run that starts from another run directory's checkpoint came from (None: a fresh run, or a
+    continuation in its own directory). Such a run logs afresh in its own directory; the source run's
+    history stays in the source directory."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt or continues_in_place(config):
+        return None
+    return {"checkpoint": str(Path(ckpt).resolve()), "run_key": _source_run_key(Path(ckpt))}
 
 
 # ---------------------------------------------------------------- training
