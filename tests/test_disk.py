@@ -100,7 +100,7 @@ def test_full_disk_walks_cause_and_context_and_prefers_the_earliest() -> None:
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 50752 vs 50644")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 50752 vs 50644")  # noqa: B904 (implicit chaining, as torch does)
     except RuntimeError as e:
         secondary = e
     found = full_disk(secondary)
