@@ -21,6 +21,7 @@ import torch
 
 from pcdeq.aggregate import main as aggregate_main
 from pcdeq.disk import DiskFullError, full_disk, human_bytes
+from pcdeq.plots import _epoch_curve
 from pcdeq.results import atomic_write, run_key, write_results
 from pcdeq.training.csvlog import CSVLogger
 from pcdeq.training.space import checkpoint_bytes, warn_if_no_room
@@ -224,6 +225,13 @@ def test_resume_onto_a_full_tmpfs_is_one_line_and_the_printed_command_continues(
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "completed" and res["epochs"] == 4 and res["warm_start_from"] is None
     assert _epochs(run) == [0, 1, 2, 3]  # every epoch of the three attempts, as one sequence
+    # the accuracy-against-epoch plots read the parts as one curve: that of an uninterrupted run
+    full = small_fs.parent / "full"
+    status, err = run_entry_point(TRAIN, *RUN, "trainer.max_epochs=4", f"hydra.run.dir={full}")
+    assert status == 0, err
+    resumed, uninterrupted = _epoch_curve(run), _epoch_curve(full)
+    assert sorted(resumed) == sorted(uninterrupted) and {1, 2, 3, 4} <= set(resumed)
+    assert resumed == pytest.approx(uninterrupted, abs=1e-6)
 
 
 def checkpoint_bytes_of_run(run: Path) -> int:
