@@ -176,6 +176,28 @@ def test_preflight_warns_when_the_run_directory_has_no_room_for_a_checkpoint(
     assert not warn_if_no_room(tmp_path, net, "adamw")
 
 
+def test_a_full_disk_before_the_run_starts_is_one_line_before_hydra_writes(small_fs: Path) -> None:
+    fill(small_fs, 0)
+    status, err = run_entry_point(TRAIN, *RUN, "trainer.max_epochs=1", f"hydra.run.dir={small_fs / 'R'}")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: cannot write the run directory {small_fs / 'R'}: No space left on device")
+    assert f"(ENOSPC; 0 B free on {small_fs}); fix: free space, or pass hydra.run.dir=" in lines[0]
+    assert not (small_fs / "R").exists()  # nothing created
+
+
+def test_an_exceeded_quota_at_the_start_check_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcdeq.errors import OutputError
+    from pcdeq.training.validate import check_writable_dir
+
+    monkeypatch.setattr("pcdeq.training.validate.os.fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.EDQUOT, "Disk quota exceeded")))
+    with pytest.raises(OutputError, match=rf"cannot write the run directory {tmp_path / 'run'}: Disk quota exceeded "
+                                          rf"in {tmp_path} \(EDQUOT; .* free on .*\); fix: free space, or pass"):
+        check_writable_dir(tmp_path / "run", "run directory", "pass hydra.run.dir=...")
+    assert list(tmp_path.iterdir()) == []  # the probe file is removed
+
+
 # ---------------------------------------------------------------- a run that resumes onto a full disk
 
 TRAIN = ROOT / "train.py"
@@ -293,7 +315,8 @@ def test_a_real_full_disk_from_the_command_line_prints_no_traceback(small_fs: Pa
     run = small_fs / "R"
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     fill(small_fs, 60 * 1024)
-    proc = subprocess.run([sys.executable, str(TRAIN), *RUN, "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+    proc = subprocess.run([sys.executable, str(TRAIN), *RUN, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                           "trainer.limit_test_batches=1", f"hydra.run.dir={run}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
