@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import shlex
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from pcdeq.aggregate import main as aggregate_main
 from pcdeq.disk import DiskFullError, full_disk, human_bytes
 from pcdeq.plots import _epoch_curve
 from pcdeq.results import atomic_write, run_key, write_results
-from pcdeq.training.csvlog import CSVLogger
+from pcdeq.training.logfiles import CSVLogger, RunLogFileHandler
 from pcdeq.training.space import checkpoint_bytes, warn_if_no_room
 from tests.helpers import run_entry_point
 
@@ -361,3 +362,36 @@ def test_aggregator_on_a_full_disk_keeps_the_previous_tables(how: str, tmp_path:
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}/")
     assert "No space left on device (ENOSPC; " in lines[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # every previous file, whole
+
+
+# ---------------------------------------------------------------- train.log
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "injected"])
+def test_train_log_on_a_full_disk_is_one_warning_not_a_traceback_per_record(
+        how: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    where = request.getfixturevalue("small_fs") if how == "tmpfs" else tmp_path
+    handler = RunLogFileHandler(where / "train.log")
+    logger = logging.getLogger("pcdeq.test_disk")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("first record")
+        if how == "tmpfs":
+            fill(where, 0)
+        else:
+            def full(*args) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(handler, "flush", full)
+        for i in range(200):
+            logger.warning("epoch %d %s", i, "x" * 100)  # far more than the last page of train.log holds
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: cannot write {where / 'train.log'}: No space left "
+                                                   "on device (ENOSPC; ")
+    assert (where / "train.log").read_text().startswith("first record")
