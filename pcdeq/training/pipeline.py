@@ -17,7 +17,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,7 +336,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(config["paths"]["output_dir"])
     key = run_key(config.get("experiment_name"), _overrides())
     try:
-        with run_lock(run_dir):  # held until the results are written: one process per run directory
+        with run_lock(run_dir), _resume_hint_on_full_disk(config, run_dir):  # the lock: one process per run dir
             return _train_locked(cfg, config, run_dir, key, started)
     except RunInUseError as e:
         if not config.get("skip_if_done"):
@@ -343,6 +344,14 @@ def train(cfg: DictConfig) -> dict:
         # a cooperative worker (make reproduce-tables started twice): another process runs this one; go on
         log.info("running in another process, skipped (skip_if_done): %s (%s)", run_dir, e.holder)
         return {"status": "in_use", "run_dir": str(run_dir), "run_key": key, "holder": e.holder}
+
+
+@contextmanager
+def _resume_hint_on_full_disk(config: dict, run_dir: Path) -> Iterator[None]:
+    """A full disk (or quota, or read-only filesystem) anywhere in the run: one :class:`DiskFullError` whose fix
+    ends with the command that continues the run."""
+    try:
+        yield
     except Exception as e:
         full = full_disk(e)
         if full is None:
