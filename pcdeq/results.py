@@ -35,7 +35,9 @@ Schema (version 2; version 1 lacked protocol, run_key, residual_history and the 
     metrics          dict     every final epoch-level metric (train/*, test/*, val/*)
     residual_history list     per equilibrium solve of the last test batch: the stopping residual after each
                               forward iteration (trained weights)
-    error            str      the failure message when status is failed
+    error            str      the failure message when status is failed (a full disk: the errno name, e.g.
+                              ENOSPC, and the file)
+    warm_start_from  dict     (train) checkpoint and run_key of another run's checkpoint it started from, or null
     checkpoint, source_run_key, solver_overrides, eval_time_s    (eval only) what was evaluated, how
 
 Next to it, ``launch.json`` (``run_key``, ``started_at``, ``pid``, ``host``) is written when a run starts: a
@@ -52,6 +54,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from pcdeq.disk import writing
 
 SCHEMA_VERSION = 2
 STATUSES = ("completed", "diverged", "failed", "interrupted")
@@ -158,22 +162,27 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     ``write(f)`` fills the binary file ``f``. Whatever fails (a full disk, a kill, an exception in ``write``), the
     previous ``path`` is left as it was and the temporary file is removed: a reader only ever sees the old or the
     new complete file. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600.
+
+    Raises:
+        pcdeq.disk.DiskFullError: no space, quota or a read-only filesystem (the message names the file, the
+            free space and a fix); the previous file is intact and the temporary one removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):  # a full disk, quota or read-only filesystem: one DiskFullError naming the file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
 
 

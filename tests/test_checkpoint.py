@@ -240,8 +240,41 @@ def test_a_resume_by_hand_in_the_run_directory_keeps_every_epoch_of_the_log(tmp_
     first = (run / "csv" / "metrics.csv").read_bytes()
     res = train(compose_train(*tiny, "trainer.max_epochs=4", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
                               f"paths.output_dir={run}"))
-    assert res["status"] == "completed"
+    assert res["status"] == "completed" and res["warm_start_from"] is None  # a continuation, not a warm start
     assert (run / "csv_part1" / "metrics.csv").read_bytes() == first  # the first attempt, untouched
     epochs = [int(e) for part in ("csv_part1", "csv")
               for e in pd.read_csv(run / part / "metrics.csv").dropna(subset=["train/loss"])["epoch"]]
     assert epochs == [0, 1, 2, 3]  # the two files read in order: one sequence, every epoch once
+
+
+def test_auto_resume_of_an_interrupted_run_keeps_every_epoch_of_the_log(tmp_path: Path) -> None:
+    import pandas as pd
+
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if o != "logger=none" and not o.startswith("trainer.max_epochs")]
+    done = train(compose_train(*tiny, "trainer.max_epochs=1", f"paths.output_dir={run}"))
+    write_results(run / "results.json", {**done, "status": "interrupted"})  # as a kill after epoch 1 leaves it
+    first = (run / "csv" / "metrics.csv").read_bytes()
+    res = train(compose_train(*tiny, "trainer.max_epochs=2", "auto_resume=true", f"paths.output_dir={run}"))
+    assert res["status"] == "completed" and res["epochs"] == 2 and res["warm_start_from"] is None
+    assert (run / "csv_part1" / "metrics.csv").read_bytes() == first
+    epochs = [int(e) for part in ("csv_part1", "csv")
+              for e in pd.read_csv(run / part / "metrics.csv").dropna(subset=["train/loss"])["epoch"]]
+    assert epochs == [0, 1]
+
+
+def test_a_warm_start_from_another_run_logs_afresh_and_records_its_source(tmp_path: Path) -> None:
+    import pandas as pd
+
+    source, run = tmp_path / "source", tmp_path / "warm"
+    tiny = [o for o in TINY if o != "logger=none" and not o.startswith("trainer.max_epochs")]
+    src = train(compose_train(*tiny, "trainer.max_epochs=1", f"paths.output_dir={source}"))
+    source_log = (source / "csv" / "metrics.csv").read_bytes()
+    ckpt = source / "checkpoints" / "last.ckpt"
+    res = train(compose_train(*tiny, "trainer.max_epochs=2", f"ckpt_path={ckpt}", f"paths.output_dir={run}"))
+    assert res["status"] == "completed"
+    assert res["warm_start_from"] == {"checkpoint": str(ckpt.resolve()), "run_key": src["run_key"]}
+    assert json.loads((run / "results.json").read_text())["warm_start_from"]["checkpoint"] == str(ckpt.resolve())
+    assert not list(run.glob("csv_part*"))  # its own, fresh log: the epoch it trained
+    assert list(pd.read_csv(run / "csv" / "metrics.csv").dropna(subset=["train/loss"])["epoch"]) == [1]
+    assert (source / "csv" / "metrics.csv").read_bytes() == source_log  # the source run's history, untouched

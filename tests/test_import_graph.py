@@ -14,7 +14,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pcdeq"
 
-CORE = {"pcdeq.errors", "pcdeq.activations", "pcdeq.dataset_specs", "pcdeq.results", "pcdeq.family", "pcdeq.perf"}
+CORE = {"pcdeq.errors", "pcdeq.activations", "pcdeq.dataset_specs", "pcdeq.results", "pcdeq.family", "pcdeq.perf",
+        "pcdeq.disk"}
 CORE_PACKAGES = ("pcdeq.solver",)  # every module under these is core
 # each family's modules, by family; a family builds on the core only, never on another family
 FAMILY_MODULES = {

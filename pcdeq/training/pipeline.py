@@ -13,10 +13,12 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import pcdeq
+from pcdeq.disk import DiskFullError, full_disk
 from pcdeq.errors import CheckpointError, ConfigError, PcdeqUserError
-from pcdeq.results import atomic_write_json, completed_run, read_results, run_key, write_results
+from pcdeq.results import atomic_write, atomic_write_json, completed_run, read_results, run_key, write_results
 from pcdeq.training.checkpoint import (
     check_same_run,
     continues_in_place,
@@ -50,6 +53,7 @@ from pcdeq.training.device import apply_tf32
 from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.quiet import silence_third_party
 from pcdeq.training.runlock import RunInUseError, run_lock
+from pcdeq.training.space import warn_if_no_room
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 from pcdeq.training.worklog import record_outcome
 
@@ -165,7 +169,18 @@ def base_results(config: dict, module: EquilibriumModule, run_dir: Path) -> dict
         "versions": _versions(),
         "overrides": overrides,
         "run_dir": str(run_dir),
+        **({"warm_start_from": warm_start_from(config)} if config.get("task_name", "train") == "train" else {}),
     }
+
+
+def warm_start_from(config: dict) -> dict | None:
+    """Where a run that starts from another run directory's checkpoint came from (None: a fresh run, or a
+    continuation in its own directory). Such a run logs afresh in its own directory; the source run's
+    history stays in the source directory."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt or continues_in_place(config):
+        return None
+    return {"checkpoint": str(Path(ckpt).resolve()), "run_key": _source_run_key(Path(ckpt))}
 
 
 # ---------------------------------------------------------------- training
@@ -245,9 +260,15 @@ def fit_and_test(run: Run) -> tuple[str, dict[str, float], dict[str, float], flo
         # directory says what happened before the exception propagates.
         status = "interrupted" if isinstance(e, (SIGTERMException, KeyboardInterrupt, SystemExit)) else "failed"
         if trainer.is_global_zero and run.run_dir.is_dir():
-            write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
-                                                         "status": status, "error": repr(e),
-                                                         "started_at": run.started_at, "finished_at": _now()})
+            full = full_disk(e)  # the root cause (errno, file), not torch's secondary "unexpected pos" error
+            try:
+                write_results(run.run_dir / "results.json", {**base_results(run.config, module, run.run_dir),
+                                                             "status": status,
+                                                             "error": full.record() if full else repr(e),
+                                                             "started_at": run.started_at, "finished_at": _now()})
+            except DiskFullError:
+                log.warning("the failure could not be recorded in %s: the disk is full too",
+                            run.run_dir / "results.json")
         raise
     finally:
         _finish_wandb(run.loggers)
@@ -316,7 +337,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(config["paths"]["output_dir"])
     key = run_key(config.get("experiment_name"), _overrides())
     try:
-        with run_lock(run_dir):  # held until the results are written: one process per run directory
+        with run_lock(run_dir), _resume_hint_on_full_disk(config, run_dir):  # the lock: one process per run dir
             return _train_locked(cfg, config, run_dir, key, started)
     except RunInUseError as e:
         if not config.get("skip_if_done"):
@@ -331,6 +352,32 @@ def train(cfg: DictConfig) -> dict:
         raise
 
 
+@contextmanager
+def _resume_hint_on_full_disk(config: dict, run_dir: Path) -> Iterator[None]:
+    """A full disk (or quota, or read-only filesystem) anywhere in the run: one :class:`DiskFullError` whose fix
+    ends with the command that continues the run."""
+    try:
+        yield
+    except Exception as e:
+        full = full_disk(e)
+        if full is None:
+            raise
+        raise full.with_fix("free space, or point hydra.run.dir / paths.log_dir elsewhere, then resume with: "
+                            f"{resume_command(config, run_dir)}") from None
+
+
+def resume_command(config: dict, run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: its overrides, the directory and its last checkpoint.
+
+    A run stopped before its first checkpoint starts again from its own ``ckpt_path`` (or none).
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = str(last) if last.is_file() else config.get("ckpt_path")
+    kept = [o for o in _overrides() if o.lstrip("+").partition("=")[0] not in ("ckpt_path", "hydra.run.dir")]
+    extra = [f"hydra.run.dir={run_dir}"] + ([f"ckpt_path={ckpt}"] if ckpt else [])
+    return " ".join(["python train.py", *(shlex.quote(o) for o in [*kept, *extra])])
+
+
 def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, started: str) -> dict:
     """:func:`train` once the run directory's lock is held."""
     done = _reuse_run_dir(config, run_dir, key)
@@ -343,12 +390,14 @@ def _train_locked(cfg: DictConfig, config: dict, run_dir: Path, key: str, starte
     if run.trainer.is_global_zero:
         atomic_write_json(run_dir / "launch.json", {"run_key": key, "started_at": started, "pid": os.getpid(),
                                                     "host": platform.node()})
+        warn_if_no_room(run_dir, run.module, str(config["optim"]["name"]))
     status, fit_metrics, test_metrics, train_time = fit_and_test(run)
     results = {**base_results(run.config, run.module, run.run_dir), "started_at": started,
                **run_results(run, status, fit_metrics, test_metrics, train_time)}
-    if run.trainer.is_global_zero:
+    if run.trainer.is_global_zero:  # the config first: a completed results.json implies its config is there
+        text = OmegaConf.to_yaml(run.config)
+        atomic_write(run.run_dir / "config_resolved.yaml", lambda f: f.write(text.encode()))
         write_results(run.run_dir / "results.json", results)
-        OmegaConf.save(run.config, run.run_dir / "config_resolved.yaml")
         log.info("status %s, test acc %s, results: %s", status, results["test/acc"], run.run_dir / "results.json")
     record_outcome(key, run_dir, status)
     return results

@@ -22,6 +22,7 @@ Three places call it, in this order:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pcdeq.dataset_specs import get_spec
+from pcdeq.disk import NO_ROOM, free_space
 from pcdeq.errors import ConfigError, OutputError, PcdeqUserError
 from pcdeq.training.checkpoint import check_resume_checkpoint
 from pcdeq.training.config import net_from_config
@@ -407,11 +409,16 @@ def check_val_size(config: Mapping) -> None:
                           f"{source}); valid: an integer in [0, {n - 1}], e.g. dataset.val_size={n // 10}")
 
 
+PROBE_BYTES = 16 * 1024  # Hydra's config.yaml, hydra.yaml and overrides.yaml of a run, with room to spare
+
+
 def check_writable_dir(path: str | os.PathLike[str], what: str, fix: str) -> None:
     """Raise :class:`OutputError` unless ``path`` is, or can be created as, a writable directory.
 
     Creates nothing: the nearest existing ancestor must be a directory in which a file can be written (a probe
-    file is created and removed; permission bits alone say nothing for root or on read-only mounts).
+    file is created and removed; permission bits alone say nothing for root or on read-only mounts). The probe
+    holds ``PROBE_BYTES``, what Hydra writes into a new run directory before the run starts (its configs), so a
+    full disk is this one line rather than a failure inside Hydra.
     """
     target = Path(path).expanduser()
     existing = target
@@ -419,12 +426,21 @@ def check_writable_dir(path: str | os.PathLike[str], what: str, fix: str) -> Non
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot create the {what} {target}: {existing} is a file, not a directory; fix: {fix}")
+    probe = None
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".pcdeq-write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
-        raise OutputError(f"cannot write the {what} {target}: {e.strerror} in {existing}; fix: {fix}") from None
+        room = f" ({NO_ROOM[e.errno]}; {free_space(existing)})" if e.errno in NO_ROOM else ""
+        first = "free space, or " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OutputError(f"cannot write the {what} {target}: {e.strerror} in {existing}{room}; "
+                          f"fix: {first}{fix}") from None
+    finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
 
 
 RUN_DIR_FIX = "pass hydra.run.dir=<a writable directory>, or set paths.log_dir=... (or the env var PCDEQ_LOG_DIR)"
