@@ -31,7 +31,9 @@ def _epoch_curve(run_dir: Path, key: str = "test/acc") -> dict[int, float]:
     """epoch -> value of ``key`` from a run's CSV logs (empty when there are none or the column is missing).
 
     A resumed run logged its earlier attempts to ``csv_part<k>/`` and the last one to ``csv/``: read in that
-    order, a later attempt's value for an epoch replaces an earlier one.
+    order, a later attempt's value for an epoch replaces an earlier one. Only trained epochs count: the final
+    test after the last epoch is logged one epoch further on (Lightning's epoch counter has moved past it) and
+    would otherwise read as an extra epoch.
     """
     parts = sorted(run_dir.glob("csv_part*/metrics.csv"), key=lambda p: int(p.parent.name[8:] or 0))
     curve: dict[int, float] = {}
@@ -39,9 +41,11 @@ def _epoch_curve(run_dir: Path, key: str = "test/acc") -> dict[int, float]:
         if not path.is_file():
             continue
         with path.open() as f:
-            for row in csv.DictReader(f):
-                if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
-                    curve[int(float(row["epoch"])) + 1] = float(row[key])
+            rows = [r for r in csv.DictReader(f) if r.get("epoch") not in (None, "")]
+        trained = {r["epoch"] for r in rows if any(v not in (None, "") for k, v in r.items() if k.startswith("train/"))}
+        for row in rows:
+            if row.get(key) not in (None, "") and (row["epoch"] in trained or not trained):
+                curve[int(float(row["epoch"])) + 1] = float(row[key])
     return curve
 
 
