@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pcdeq.adhoc import configuration_frame, infer_keys, sort_key
+from pcdeq.reproduction.adhoc import configuration_frame, infer_keys, sort_key
 from pcdeq.results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,9 +222,9 @@ def test_configuration_reads_overrides_and_resolved_config(tmp_path: Path) -> No
 
 def test_unreadable_root_is_one_clear_error_even_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The permission check itself (the test above cannot see it when run by root, who reads everything)."""
-    import pcdeq.aggregate as agg
+    import pcdeq.reproduction.aggregate as agg
     from pcdeq.errors import ConfigError
-    from pcdeq.reproduce import load_profile
+    from pcdeq.reproduction.reproduce import load_profile
 
     monkeypatch.setattr(agg.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ConfigError, match="cannot be read \\(permission denied\\)"):

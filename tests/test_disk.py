@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcdeq.aggregate import main as aggregate_main
 from pcdeq.disk import DiskFullError, full_disk, human_bytes
-from pcdeq.plots import _epoch_curve
+from pcdeq.reproduction.aggregate import main as aggregate_main
+from pcdeq.reproduction.plots import _epoch_curve
 from pcdeq.results import atomic_write, run_key, write_results
 from pcdeq.training.logfiles import CSVLogger, RunLogFileHandler
 from pcdeq.training.space import checkpoint_bytes, warn_if_no_room

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pcdeq.aggregate import aggregate
 from pcdeq.errors import ConfigError
-from pcdeq.reproduce import Profile, check_jobs, load_profile, load_spec, train_jobs
+from pcdeq.reproduction.aggregate import aggregate
+from pcdeq.reproduction.reproduce import Profile, check_jobs, load_profile, load_spec, train_jobs
 from pcdeq.results import completed_run, run_key, write_results
 from tests.helpers import held_by_another_process
 
@@ -263,7 +263,7 @@ def test_smoke_table_through_a_launcher_skip_and_resume(tmp_path: Path, launcher
 
 
 def test_an_attempt_superseded_by_a_completed_run_is_not_a_problem(tmp_path: Path) -> None:
-    from pcdeq.reproduce import index_runs
+    from pcdeq.reproduction.reproduce import index_runs
 
     done = _run(tmp_path, "pcdeq_linear_mnist", ["seed=0"], **{"test/acc": 0.9})
     old = tmp_path / "pcdeq_linear_mnist" / "old-layout"
@@ -277,7 +277,7 @@ def test_an_attempt_superseded_by_a_completed_run_is_not_a_problem(tmp_path: Pat
 
 def test_a_worker_summary_counts_each_planned_run_by_what_its_job_logged(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from pcdeq.reproduce import worker_summary
+    from pcdeq.reproduction.reproduce import worker_summary
     from pcdeq.training.worklog import ENV, read_outcomes, record_outcome
 
     log = tmp_path / "worker.jsonl"

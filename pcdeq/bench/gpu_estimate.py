@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from pcdeq.reproduce import PROJECT_ROOT, list_specs, load_profile, load_spec, train_jobs
+from pcdeq.reproduction.reproduce import PROJECT_ROOT, list_specs, load_profile, load_spec, train_jobs
 from pcdeq.training.config import net_from_config
 
 THROUGHPUT = 20e12

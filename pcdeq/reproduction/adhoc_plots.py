@@ -19,8 +19,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import pandas as pd  # noqa: E402
 
-from pcdeq.adhoc import AdhocTable, is_numeric, metric_value  # noqa: E402
-from pcdeq.plots import _epoch_curve, save_png  # noqa: E402
+from pcdeq.reproduction.adhoc import AdhocTable, is_numeric, metric_value  # noqa: E402
+from pcdeq.reproduction.plots import _epoch_curve, save_png  # noqa: E402
 
 
 def spans_decades(values: Sequence[float]) -> bool:
