@@ -24,19 +24,8 @@ from pathlib import Path
 
 from pcdeq.errors import ConfigError, PcdeqUserError
 from pcdeq.reproduction.adhoc import AdhocTable, build_adhoc, check_metrics, metric_value
-from pcdeq.reproduction.reproduce import (
-    PROJECT_ROOT,
-    Profile,
-    RunIndex,
-    TableSpec,
-    eval_jobs,
-    find_eval,
-    index_runs,
-    list_specs,
-    load_profile,
-    load_spec,
-    train_jobs,
-)
+from pcdeq.reproduction.plan import RunIndex, eval_jobs, find_eval, index_runs, train_jobs
+from pcdeq.reproduction.specs import PROJECT_ROOT, Profile, TableSpec, list_specs, load_profile, load_spec
 from pcdeq.results import atomic_write
 from pcdeq.training.runlock import runs_in_progress
 

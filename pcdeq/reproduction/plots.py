@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from pcdeq.reproduction.reproduce import Profile, RunIndex, TableSpec, eval_jobs, find_eval, train_jobs  # noqa: E402
+from pcdeq.reproduction.plan import RunIndex, eval_jobs, find_eval, train_jobs  # noqa: E402
+from pcdeq.reproduction.specs import Profile, TableSpec  # noqa: E402
 from pcdeq.results import atomic_write  # noqa: E402
 
 

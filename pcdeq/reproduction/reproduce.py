@@ -1,22 +1,16 @@
-"""Reproduction tables: their specs (``experiments/*.yaml``), the runs behind them, and launching what is missing.
+"""Launching what the tables need: ``python -m pcdeq.reproduce``.
 
-A table spec names its rows (an experiment config plus overrides such as the activation), the seeds, the
-columns and the published figure beside each row; a tolerance table also sweeps solver settings per row and
-evaluates one trained model of another table at each setting. A *profile* (``experiments/profiles/``) says
-where runs live and adds overrides to every job (``smoke``: synthetic data, tiny budgets).
-
-``python -m pcdeq.reproduce --tables mnist,tolerance --launcher joblib`` plans every job of the tables, skips
-those whose results are already complete (identity = :func:`pcdeq.results.run_key`, never a timestamp), and
-launches the rest as Hydra multiruns of ``train.py`` / ``eval.py`` on the chosen launcher, one multirun per group
-of jobs that forms a Cartesian product. Jobs run with ``skip_if_done`` and ``auto_resume``: a re-run skips what
-finished meanwhile and resumes interrupted runs from their last checkpoint.
+``python -m pcdeq.reproduce --tables mnist,tolerance --launcher joblib`` reads the table specs and the profile
+(:mod:`~pcdeq.reproduction.specs`), plans every job of the tables and skips those whose results are already
+complete (:mod:`~pcdeq.reproduction.plan`), and launches the rest as Hydra multiruns of ``train.py`` /
+``eval.py`` on the chosen launcher, one multirun per group of jobs that forms a Cartesian product. Jobs run with
+``skip_if_done`` and ``auto_resume``: a re-run skips what finished meanwhile and resumes interrupted runs from
+their last checkpoint; a worker started beside another skips the runs the other holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import logging
 import math
 import os
@@ -27,23 +21,24 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from pcdeq.activations import ACTIVATIONS
 from pcdeq.errors import ConfigError, PcdeqUserError
-from pcdeq.results import EXECUTION_KEYS, completed_run, read_results, run_key
+from pcdeq.reproduction.plan import (
+    EvalJob,
+    Job,
+    check_jobs,
+    eval_jobs,
+    find_eval,
+    index_runs,
+    override_value,
+    train_jobs,
+)
+from pcdeq.reproduction.specs import PROJECT_ROOT, Profile, list_specs, load_profile, load_spec
+from pcdeq.results import EXECUTION_KEYS, run_key
 
 log = logging.getLogger("pcdeq.reproduce")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: experiments/, conf/ and results/
-SPEC_DIR = PROJECT_ROOT / "experiments"
-EXPERIMENT_DIR = PROJECT_ROOT / "conf" / "experiment"
 LAUNCHERS = {"basic": "basic", "joblib": "joblib", "slurm": "slurm", "submitit_local": "submitit_local"}
-COLUMNS = ("test_acc", "params", "fwd_iters", "bwd_iters", "epoch_time", "published", "test_fwd_iters")
-TABLE_KINDS = ("rows", "tolerance")
 WORKER_DIR = ".workers"  # under a profile's root: each running worker's job outcomes
 # a worker's summary: train()'s outcomes (pcdeq.training.worklog) as counted at the end
 SUMMARY = ("completed", "skipped as done", "held by another worker", "failed", "diverged", "interrupted",
@@ -52,302 +47,6 @@ SUMMARY_OF = {"completed": "completed", "done": "skipped as done", "in_use": "he
               "failed": "failed", "diverged": "diverged", "interrupted": "interrupted"}
 
 
-# ---------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class Row:
-    """One table row: an experiment config and the overrides that make the row.
-
-    Attributes:
-        label: the row's name in the table.
-        experiment: a config name in ``conf/experiment/``.
-        overrides: Hydra overrides, e.g. ``["model.activation=sigmoid"]``.
-        published: the ``model`` entry of ``results/published.csv`` shown beside the row, if any.
-        tags: free labels to select rows (``--tag cpu``).
-        sweep_keys / sweep_values / sweep_default: tolerance tables: the keys set together, their values, and
-            the value the protocol uses anyway (its runs are the row's own runs, with no override).
-    """
-
-    label: str
-    experiment: str
-    overrides: tuple[str, ...] = ()
-    published: str | None = None
-    tags: tuple[str, ...] = ()
-    sweep_keys: tuple[str, ...] = ()
-    sweep_values: tuple[Any, ...] = ()
-    sweep_default: Any = None
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """A table: rows, seeds, columns and, for tolerance tables, the evaluation sweep."""
-
-    name: str
-    title: str
-    kind: str
-    dataset: str | None
-    seeds: tuple[int, ...]
-    columns: tuple[str, ...]
-    rows: tuple[Row, ...]
-    eval_seed: int | None = None  # tolerance tables: evaluate this seed's model (trained at the row's defaults)
-    also_published: tuple[str, ...] = ()  # published.csv models shown below the rows (not trained here)
-    path: Path = field(default=SPEC_DIR)
-
-
-def _fail(path: Path, msg: str) -> ConfigError:
-    return ConfigError(f"{path}: {msg}")
-
-
-def load_spec(name_or_path: str | Path) -> TableSpec:
-    """Read and check a table spec (``experiments/<name>.yaml``).
-
-    Raises:
-        ConfigError: unreadable file, unknown experiment, column or kind, or a malformed row; the message
-            names the file and the problem.
-    """
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = SPEC_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(list_specs()) or "none"
-        raise ConfigError(f"no table spec {path} (known tables: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise _fail(path, f"cannot be read as YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(raw, dict):
-        raise _fail(path, "expected a mapping with name, rows, seeds, columns")
-    kind = raw.get("kind", "rows")
-    if kind not in TABLE_KINDS:
-        raise _fail(path, f"unknown kind {kind!r}; valid choices: {', '.join(TABLE_KINDS)}")
-    columns = tuple(raw.get("columns") or COLUMNS[:6])
-    bad = [c for c in columns if c not in COLUMNS]
-    if bad:
-        raise _fail(path, f"unknown column(s) {', '.join(bad)}; valid columns: {', '.join(COLUMNS)}")
-    seeds = raw.get("seeds") or [0]
-    if not all(isinstance(s, int) for s in seeds):
-        raise _fail(path, f"seeds must be integers, got {seeds!r}")
-    rows = []
-    for i, r in enumerate(raw.get("rows") or []):
-        if not isinstance(r, dict) or "experiment" not in r:
-            raise _fail(path, f"row {i + 1} needs at least an experiment: {r!r}")
-        if not (EXPERIMENT_DIR / f"{r['experiment']}.yaml").is_file():
-            valid = ", ".join(sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml")))
-            raise _fail(path, f"row {i + 1}: unknown experiment {r['experiment']!r}; valid: {valid}")
-        overrides = tuple(str(o) for o in r.get("overrides") or ())
-        if any("=" not in o for o in overrides):
-            raise _fail(path, f"row {i + 1}: overrides must be key=value, got {list(overrides)}")
-        for o in overrides:
-            if o.startswith("model.activation=") and o.split("=", 1)[1] not in ACTIVATIONS:
-                raise _fail(path, f"row {i + 1}: unknown activation {o.split('=', 1)[1]!r}; valid choices: "
-                                  f"{', '.join(ACTIVATIONS)}")
-        sweep = r.get("sweep") or {}
-        if kind == "tolerance" and not (sweep.get("keys") and sweep.get("values")):
-            raise _fail(path, f"row {i + 1}: a tolerance table needs sweep: {{keys: [...], values: [...]}}")
-        rows.append(Row(
-            label=str(r.get("label") or f"{r['experiment']} {' '.join(overrides)}".strip()),
-            experiment=r["experiment"], overrides=overrides, published=r.get("published"),
-            tags=tuple(r.get("tags") or ()), sweep_keys=tuple(sweep.get("keys") or ()),
-            sweep_values=tuple(sweep.get("values") or ()), sweep_default=sweep.get("default"),
-        ))
-    if not rows:
-        raise _fail(path, "has no rows")
-    return TableSpec(name=str(raw.get("name") or path.stem), title=str(raw.get("title") or path.stem), kind=kind,
-                     dataset=raw.get("dataset"), seeds=tuple(seeds), columns=columns, rows=tuple(rows),
-                     eval_seed=raw.get("eval_seed"), also_published=tuple(raw.get("also_published") or ()),
-                     path=path)
-
-
-def list_specs() -> list[str]:
-    """Names of the table specs in ``experiments/``."""
-    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Where runs live and what every job adds (``experiments/profiles/<name>.yaml``)."""
-
-    name: str
-    root: Path
-    out: Path
-    overrides: tuple[str, ...] = ()
-    channels: dict[str, str] = field(default_factory=dict)  # model name -> model.channels override
-    seeds: tuple[int, ...] | None = None  # at most these seeds of each table
-
-
-def load_profile(name: str) -> Profile:
-    """Read ``experiments/profiles/<name>.yaml`` (or a profile file's path); relative paths in it are relative to
-    the project root."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else SPEC_DIR / "profiles" / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (SPEC_DIR / "profiles").glob("*.yaml")))
-        raise ConfigError(f"unknown profile {name!r} (no {path}); valid: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    root, out = Path(raw.get("root", "results/runs")), Path(raw.get("out", "results/tables"))
-    return Profile(name=path.stem, root=root if root.is_absolute() else PROJECT_ROOT / root,
-                   out=out if out.is_absolute() else PROJECT_ROOT / out,
-                   overrides=tuple(str(o) for o in raw.get("overrides") or ()),
-                   channels={str(k): str(v) for k, v in (raw.get("channels") or {}).items()},
-                   seeds=tuple(raw["seeds"]) if raw.get("seeds") else None)
-
-
-# ---------------------------------------------------------------- jobs
-
-
-def _fmt(value: Any) -> str:
-    """An override value as Hydra reads it back (floats in their shortest form, lists in brackets)."""
-    if isinstance(value, list):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _model_of(experiment: str) -> str:
-    """The model config an experiment selects (for profile channel sizes)."""
-    raw = yaml.safe_load((EXPERIMENT_DIR / f"{experiment}.yaml").read_text())
-    for entry in raw.get("defaults", []):
-        if isinstance(entry, dict):
-            for k, v in entry.items():
-                if k.replace("override ", "").strip("/ ") == "model":
-                    return str(v)
-    return ""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One training run: an experiment with its overrides (the seed included)."""
-
-    experiment: str
-    overrides: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        return run_key(self.experiment, list(self.overrides))
-
-
-def train_jobs(spec: TableSpec, profile: Profile, tag: str | None = None, seeds: Sequence[int] | None = None,
-               row: Row | None = None) -> list[tuple[Row, Job]]:
-    """Every training job of a table under a profile, with the row it belongs to."""
-    out = []
-    for r in spec.rows if row is None else (row,):
-        if tag and tag not in r.tags:
-            continue
-        base = list(r.overrides) + list(profile.overrides)
-        model = _model_of(r.experiment)
-        if model in profile.channels:
-            base.append(f"model.channels={profile.channels[model]}")
-        sweep = [[] if v == r.sweep_default else [f"{k}={_fmt(v)}" for k in r.sweep_keys]
-                 for v in r.sweep_values] or [[]]
-        use_seeds = seeds if seeds is not None else spec.seeds
-        if profile.seeds is not None:
-            use_seeds = [s for s in use_seeds if s in profile.seeds] or list(profile.seeds[:1])
-        for extra, seed in itertools.product(sweep, use_seeds):
-            out.append((r, Job(r.experiment, tuple(base + extra + [f"seed={seed}"]))))
-    return out
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """Evaluate a trained run's checkpoint with other solver settings."""
-
-    source: Path  # the training run directory
-    source_key: str
-    solver: tuple[tuple[str, Any], ...]  # (solver key, value)
-
-
-def eval_jobs(spec: TableSpec, profile: Profile, index: RunIndex, tag: str | None = None
-              ) -> tuple[list[tuple[Row, EvalJob]], list[str]]:
-    """A tolerance table's evaluation jobs: the ``eval_seed`` model of each row at every sweep value.
-
-    Returns:
-        The jobs, and one line for every row whose source model is not trained yet.
-    """
-    if spec.kind != "tolerance" or spec.eval_seed is None:
-        return [], []
-    jobs, missing = [], []
-    for r in spec.rows:
-        if tag and tag not in r.tags:
-            continue
-        plain = Row(r.label, r.experiment, r.overrides)  # trained at the row's own (protocol) settings
-        (_, source), = train_jobs(spec, profile, seeds=[spec.eval_seed], row=plain)
-        found = index.completed.get(source.key)
-        if found is None:
-            missing.append(f"{r.label}: no completed run {source.key} to evaluate")
-            continue
-        for v in r.sweep_values:
-            values = tuple((k.split(".", 1)[1], v) for k in r.sweep_keys)
-            jobs.append((r, EvalJob(Path(found["run_dir"]), source.key, values)))
-    return jobs, missing
-
-
-# ---------------------------------------------------------------- what exists
-
-
-@dataclass
-class RunIndex:
-    """Every results.json under a root: completed runs by key, evaluations, and the problems found."""
-
-    completed: dict[str, dict] = field(default_factory=dict)
-    evals: list[dict] = field(default_factory=list)
-    problems: list[tuple[Path, str, str]] = field(default_factory=list)  # (dir, status, detail)
-    superseded: list[tuple[Path, str, str]] = field(default_factory=list)  # problems whose run completed elsewhere
-
-
-def _launch_key(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "launch.json").read_text()).get("run_key")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def index_runs(root: Path) -> RunIndex:
-    """Read every run directory under ``root`` (never fails on a bad file: it is listed as a problem).
-
-    A failed, interrupted or partial attempt of a run that completed in another directory (an earlier layout,
-    a copy) is kept apart as superseded, not reported as a problem.
-    """
-    index = RunIndex()
-    if not root.is_dir():
-        return index
-    dirs = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("launch.json")}
-    keyed: list[tuple[Path, str, str, str | None]] = []
-    for d in sorted(dirs):
-        try:
-            res = read_results(d / "results.json")
-        except FileNotFoundError:
-            keyed.append((d, "partial", "launched, no results.json (still running, or killed)", _launch_key(d)))
-            continue
-        except (OSError, ValueError) as e:
-            index.problems.append((d, "unreadable", str(e)))
-            continue
-        if res.get("task") == "eval":
-            if res.get("status") == "completed":
-                index.evals.append(res)
-            else:
-                index.problems.append((d, str(res.get("status")), str(res.get("error") or "")))
-            continue
-        key = run_key(res.get("experiment"), res.get("overrides") or [])
-        if completed_run(d, key) is not None:
-            index.completed[key] = res
-        elif res.get("status") == "completed":
-            keyed.append((d, "partial", "results.json older than the last launch, or moved", key))
-        else:
-            keyed.append((d, str(res.get("status")), str(res.get("error") or ""), key))
-    for d, status, detail, attempt in keyed:
-        target = index.superseded if attempt is not None and attempt in index.completed else index.problems
-        target.append((d, status, detail))
-    return index
-
-
-def find_eval(index: RunIndex, job: EvalJob) -> dict | None:
-    """The completed evaluation of ``job`` in ``index``, if any."""
-    want = {k: v for k, v in job.solver}
-    for res in index.evals:
-        got = res.get("solver_overrides") or {}
-        if res.get("source_run_key") == job.source_key and got.keys() == want.keys() and all(
-                math.isclose(float(got[k]), float(want[k])) for k in want):
-            return res
-    return None
 
 
 # ---------------------------------------------------------------- launching
@@ -386,36 +85,6 @@ def _hydra_args(launcher: str, sweep_dir: Path) -> list[str]:
     return args
 
 
-def check_jobs(jobs: Iterable[tuple[Row, Job]], spec_of: dict[str, TableSpec]) -> None:
-    """Compose and build every distinct row before anything runs, so a bad spec fails in seconds.
-
-    Raises:
-        ConfigError: naming the spec file, the row and Hydra's or the builder's message.
-    """
-    # deferred: the training stack (Lightning, Hydra) is needed only here, not to plan or aggregate
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
-    from pcdeq.training.config import net_from_config
-
-    seen = set()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        for row, job in jobs:
-            overrides = tuple(o for o in job.overrides if not o.startswith("seed="))
-            if (job.experiment, overrides) in seen:
-                continue
-            seen.add((job.experiment, overrides))
-            try:
-                cfg = compose("train", overrides=[f"experiment={job.experiment}", *overrides])
-                sub = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "solver")}
-                net_from_config(sub)
-            except (HydraException, PcdeqUserError, ValueError) as e:
-                where = spec_of.get(row.label)
-                raise ConfigError(f"{where.path if where else 'table spec'}: row {row.label!r}: "
-                                  f"{' '.join(str(e).split())}") from None
-
-
 def train_commands(jobs: list[Job], profile: Profile, launcher: str, num_threads: int,
                    extra: Sequence[str] = ()) -> list[list[str]]:
     """One ``train.py -m`` command per group of jobs that forms a Cartesian product."""
@@ -439,9 +108,9 @@ def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_thre
         values: dict[str, list[str]] = defaultdict(list)
         for job in group:
             for k, v in job.solver:
-                values[f"solver.{k}"].append(_fmt(v))
+                values[f"solver.{k}"].append(override_value(v))
         if len(group) > 1 and len(values) > 1:  # keys swept together: one command per setting
-            settings = [[f"solver.{k}={_fmt(v)}" for k, v in job.solver] for job in group]
+            settings = [[f"solver.{k}={override_value(v)}" for k, v in job.solver] for job in group]
         else:
             settings = [[f"{k}={','.join(v)}" for k, v in values.items()]]
         for s in settings:
@@ -564,4 +233,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PcdeqUserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
