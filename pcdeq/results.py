@@ -103,7 +103,8 @@ def run_key(experiment: str | None, overrides: list[str]) -> str:
 
 
 def completed_run(run_dir: str | Path, key: str) -> dict | None:
-    """The results of ``run_dir`` if they are a completed run of identity ``key`` written by its last launch.
+    """The results of ``run_dir`` if they are a completed run (or evaluation) of identity ``key`` written by its
+    last launch.
 
     A stale write (an older process finishing after the directory was reused) is never taken for the current
     run: the results must name this directory and the key, and must not be older than ``launch.json``.
@@ -113,8 +114,11 @@ def completed_run(run_dir: str | Path, key: str) -> dict | None:
         res = read_results(run_dir / "results.json")
     except (OSError, ValueError):
         return None
-    # the identity is recomputed from what the run recorded, so it follows this pcdeq's canonical spelling
-    if res.get("status") != "completed" or run_key(res.get("experiment"), res.get("overrides") or []) != key:
+    # a training run's identity is recomputed from what it recorded, so it follows this pcdeq's canonical
+    # spelling; an evaluation's is the key it recorded (its checkpoint's run and solver settings, not overrides)
+    recorded = (res.get("run_key") if res.get("task") == "eval"
+                else run_key(res.get("experiment"), res.get("overrides") or []))
+    if res.get("status") != "completed" or recorded != key:
         return None
     if not res.get("run_dir") or Path(res["run_dir"]).resolve() != run_dir.resolve():
         return None

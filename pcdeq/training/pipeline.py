@@ -50,9 +50,9 @@ from pcdeq.training.checkpoint import (
 from pcdeq.training.config import datamodule_from_config
 from pcdeq.training.data import EquilibriumDataModule, dataset_summary
 from pcdeq.training.device import apply_tf32
+from pcdeq.training.exclusive import run_exclusively
 from pcdeq.training.module import EquilibriumModule
 from pcdeq.training.quiet import silence_third_party
-from pcdeq.training.runlock import RunInUseError, run_lock
 from pcdeq.training.space import warn_if_no_room
 from pcdeq.training.validate import hydra_overrides, validate_eval, validate_train
 from pcdeq.training.worklog import record_outcome
@@ -336,20 +336,12 @@ def train(cfg: DictConfig) -> dict:
     validate_train(config, hydra_overrides())  # every value, before any data is read or any file written
     run_dir = Path(config["paths"]["output_dir"])
     key = run_key(config.get("experiment_name"), _overrides())
-    try:
-        with run_lock(run_dir), _resume_hint_on_full_disk(config, run_dir):  # the lock: one process per run dir
+
+    def locked() -> dict:
+        with _resume_hint_on_full_disk(config, run_dir):
             return _train_locked(cfg, config, run_dir, key, started)
-    except RunInUseError as e:
-        if not config.get("skip_if_done"):
-            record_outcome(key, run_dir, "failed")
-            raise
-        # a cooperative worker (make reproduce-tables started twice): another process runs this one; go on
-        log.info("running in another process, skipped (skip_if_done): %s (%s)", run_dir, e.holder)
-        record_outcome(key, run_dir, "in_use")
-        return {"status": "in_use", "run_dir": str(run_dir), "run_key": key, "holder": e.holder}
-    except BaseException:
-        record_outcome(key, run_dir, "failed")
-        raise
+
+    return run_exclusively(run_dir, key, bool(config.get("skip_if_done")), locked)  # one process per run dir
 
 
 @contextmanager
@@ -429,49 +421,72 @@ def _source_run_key(ckpt: Path) -> str | None:
         return None
 
 
+def eval_run_key(ckpt: Path, solver_overrides: dict[str, Any]) -> str:
+    """An evaluation's identity: the training run it evaluates (its checkpoint path if unknown) and the solver
+    settings it replaces, e.g. ``eval:pcdeq_linear_mnist/seed=0|solver.fwd_tol=0.01``."""
+    tail = ",".join(f"solver.{k}={v}" for k, v in sorted(solver_overrides.items()))
+    return f"eval:{_source_run_key(ckpt) or ckpt}|{tail}"
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate a checkpoint on its dataset's test set and write ``results.json`` in the eval run directory.
 
     ``solver.*`` keys evaluate with other solver settings than the training run's (a tolerance sweep of
     inference: ``python eval.py ckpt_path=... solver.fwd_tol=1e-2``); ``data_dir``, ``synthetic``, ``batch_size``,
-    ``download`` and ``num_workers`` replace the checkpoint's dataset settings.
+    ``download`` and ``num_workers`` replace the checkpoint's dataset settings. As in :func:`train`, the run
+    directory is locked before anything is written there; with ``skip_if_done`` an evaluation whose directory
+    holds its completed results (same run_key) is not run again, and one held by another live process is
+    skipped (status ``in_use``).
     """
     validate_eval(resolve_config(cfg))
     ckpt = Path(str(cfg.ckpt_path))
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
+    solver_overrides = _solver_overrides(cfg)
+    key = eval_run_key(ckpt, solver_overrides)
+    run_dir = Path(cfg.paths.output_dir)
+    skip = bool(cfg.get("skip_if_done"))
+    return run_exclusively(run_dir, key, skip,
+                           lambda: _evaluate_locked(cfg, ckpt, solver_overrides, key, run_dir, skip))
+
+
+def _evaluate_locked(cfg: DictConfig, ckpt: Path, solver_overrides: dict[str, Any], key: str, run_dir: Path,
+                     skip_if_done: bool) -> dict:
+    """:func:`evaluate` once the run directory's lock is held."""
+    if skip_if_done:
+        done = completed_run(run_dir, key)
+        if done is not None:
+            log.info("already completed, skipped (skip_if_done): %s", run_dir / "results.json")
+            record_outcome(key, run_dir, "done")
+            return done
     started = _now()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     # safe load; a damaged, newer or mismatched checkpoint is one message
     module = EquilibriumModule.from_checkpoint(ckpt)
     config = dict(module.hparams["config"])
-    solver_overrides = _solver_overrides(cfg)
     if solver_overrides:  # the same weights under other solver settings
         config["solver"] = {**config["solver"], **solver_overrides}
         tuned = EquilibriumModule(config, module.eval_prefixes, module.certificate_every)
         tuned.load_state_dict(module.state_dict())
         module = tuned
     dataset = dict(config["dataset"])
-    for key in ("data_dir", "synthetic", "batch_size", "download", "num_workers"):
-        if cfg.get(key) is not None:
-            dataset[key] = cfg[key]
+    for name in ("data_dir", "synthetic", "batch_size", "download", "num_workers"):
+        if cfg.get(name) is not None:
+            dataset[name] = cfg[name]
     config["dataset"] = dataset
     dm = datamodule_from_config(config, seed=int(config["seed"]))
     dm.prepare_data()
     dm.setup("test")
     trainer = make_trainer(cfg.trainer, [], [])
-    run_dir = Path(cfg.paths.output_dir)
     t0 = time.perf_counter()
     trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
     metrics = _metrics(trainer)
     results = base_results({**config, "task_name": "eval"}, module, run_dir)
-    source = _source_run_key(ckpt)
-    tail = ",".join(f"solver.{k}={v}" for k, v in sorted(solver_overrides.items()))
     rss, gpu = _peak_memory()
     results.update({
-        "status": "completed", "checkpoint": str(ckpt), "source_run_key": source,
-        "run_key": f"eval:{source or ckpt}|{tail}", "solver_overrides": solver_overrides,
+        "status": "completed", "checkpoint": str(ckpt), "source_run_key": _source_run_key(ckpt),
+        "run_key": key, "solver_overrides": solver_overrides,
         "started_at": started, "finished_at": _now(),
         "test/acc": metrics.get("test/acc"), "test/loss": metrics.get("test/loss"),
         "test/fwd_iters": metrics.get("test/fwd_iters"), "eval_time_s": time.perf_counter() - t0,
@@ -480,4 +495,5 @@ def evaluate(cfg: DictConfig) -> dict:
     })
     write_results(run_dir / "results.json", results)
     log.info("test acc %s, results: %s", results["test/acc"], run_dir / "results.json")
+    record_outcome(key, run_dir, "completed")
     return results

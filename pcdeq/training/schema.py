@@ -27,6 +27,7 @@ from pcdeq.family import FAMILIES, Family, solver_fields
 from pcdeq.training.optim import OPTIMIZERS, SCHEDULES
 
 UINT32_MAX = 2**32 - 1  # seeds are 32-bit
+BOOL_CHOICES = ("true", "false")  # a switch: its rule takes true or false only (yes, on, 1 and the like are errors)
 PRECISION_CHOICES = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")  # Lightning's names
 
 
@@ -131,7 +132,8 @@ class TrainConfig:
     test_every_epoch: bool = True
     num_threads: int | None = field(default=None, metadata=valid("[1, inf)", "1"))
     certificate_every_n_steps: int = field(default=20, metadata=valid("[0, inf)", "20"))  # 0: never
-    skip_if_done: bool = False    # reproduction runs: do not train again what already completed (same run_key)
+    # reproduction runs: do not train again what already completed (same run_key), skip what another process runs
+    skip_if_done: bool = field(default=False, metadata=valid(example="true", choices=BOOL_CHOICES))
     auto_resume: bool = False     # reproduction runs: resume an interrupted run from its last.ckpt
     tf32: bool = False            # TensorFloat-32 matrix products and convolutions on a GPU (pcdeq.training.device)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -177,6 +179,8 @@ class EvalConfig:
     download: bool | None = None
     num_workers: int | None = field(default=None, metadata=valid("[0, inf)", "4"))
     num_threads: int | None = field(default=None, metadata=valid("[1, inf)", "1"))  # null: torch's default
+    # reproduction sweeps: do not evaluate again what already completed (same run_key), skip what another runs
+    skip_if_done: bool = field(default=False, metadata=valid(example="true", choices=BOOL_CHOICES))
     paths: Any = MISSING
     trainer: Any = MISSING
 

@@ -216,7 +216,10 @@ def _number(rule: Rule, value: Any) -> tuple[float, bool] | None:
 
 def _check_scalar(rule: Rule, value: Any) -> None:
     if rule.choices:
-        if not (isinstance(value, str) and value in rule.choices):
+        if bool in rule.kinds:  # a switch (choices true, false): a real boolean, as Hydra parses true / false
+            if not isinstance(value, bool):
+                raise _bad(rule, value, "not true or false")
+        elif not (isinstance(value, str) and value in rule.choices):
             raise _bad(rule, value, "unknown choice")
         return
     if value in rule.special and not isinstance(value, bool):
