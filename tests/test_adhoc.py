@@ -224,7 +224,7 @@ def test_unreadable_root_is_one_clear_error_even_as_root(tmp_path: Path, monkeyp
     """The permission check itself (the test above cannot see it when run by root, who reads everything)."""
     import pcdeq.reproduction.aggregate as agg
     from pcdeq.errors import ConfigError
-    from pcdeq.reproduction.reproduce import load_profile
+    from pcdeq.reproduction.specs import load_profile
 
     monkeypatch.setattr(agg.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ConfigError, match="cannot be read \\(permission denied\\)"):

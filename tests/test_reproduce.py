@@ -17,7 +17,8 @@ import pytest
 
 from pcdeq.errors import ConfigError
 from pcdeq.reproduction.aggregate import aggregate
-from pcdeq.reproduction.reproduce import Profile, check_jobs, load_profile, load_spec, train_jobs
+from pcdeq.reproduction.plan import check_jobs, train_jobs
+from pcdeq.reproduction.specs import Profile, load_profile, load_spec
 from pcdeq.results import completed_run, run_key, write_results
 from tests.helpers import held_by_another_process
 
@@ -263,7 +264,7 @@ def test_smoke_table_through_a_launcher_skip_and_resume(tmp_path: Path, launcher
 
 
 def test_an_attempt_superseded_by_a_completed_run_is_not_a_problem(tmp_path: Path) -> None:
-    from pcdeq.reproduction.reproduce import index_runs
+    from pcdeq.reproduction.plan import index_runs
 
     done = _run(tmp_path, "pcdeq_linear_mnist", ["seed=0"], **{"test/acc": 0.9})
     old = tmp_path / "pcdeq_linear_mnist" / "old-layout"
