@@ -17,7 +17,8 @@ import pytest
 
 from pcdeq.errors import ConfigError
 from pcdeq.reproduction.aggregate import aggregate
-from pcdeq.reproduction.plan import check_jobs, train_jobs
+from pcdeq.reproduction.plan import EvalJob, check_jobs, train_jobs
+from pcdeq.reproduction.reproduce import eval_commands
 from pcdeq.reproduction.specs import Profile, load_profile, load_spec
 from pcdeq.results import completed_run, run_key, write_results
 from tests.helpers import held_by_another_process
@@ -219,6 +220,46 @@ def _smoke_files(tmp_path: Path) -> tuple[Path, Path]:
                        "'dataset.synthetic_size=[96,64]', trainer.max_epochs=2, optim.lr=0.01]\n"
                        "channels: {pcdeq_linear: '8'}\n")
     return spec, profile
+
+
+TOLERANCE_SPEC = """name: toltab
+kind: tolerance
+dataset: digits
+seeds: [0]
+eval_seed: 0
+columns: [test_acc, fwd_iters, test_fwd_iters]
+rows:
+  - {label: "pcDEQ-1 linear, tanh", experiment: pcdeq_linear_mnist, overrides: [model.activation=tanh],
+     sweep: {keys: [solver.fwd_tol], values: [1.0e-2, 1.0e-3], default: 1.0e-3}}
+"""
+
+
+def test_eval_commands_skip_done_and_held_evaluations(tmp_path: Path) -> None:
+    _, profile_file = _smoke_files(tmp_path)
+    profile = load_profile(str(profile_file))
+    jobs = [EvalJob(tmp_path / "runs" / "exp" / "run", "exp/seed=0", (("fwd_tol", v),)) for v in (1e-2, 1e-3)]
+    (cmd,) = eval_commands(jobs, profile, "basic", 1)
+    assert cmd[1].endswith("eval.py") and "skip_if_done=true" in cmd and "solver.fwd_tol=0.01,0.001" in cmd
+
+
+@pytest.mark.slow  # about a minute on 2 loaded cores: two trainings and two evaluations through the launcher
+def test_tolerance_table_evaluations_are_skipped_when_done_and_summarised(tmp_path: Path) -> None:
+    _, profile = _smoke_files(tmp_path)
+    spec = tmp_path / "toltab.yaml"
+    spec.write_text(TOLERANCE_SPEC)
+    args = ["--tables", str(spec), "--profile", str(profile)]
+    first = _cli("pcdeq.reproduce", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "evaluation: 2 jobs to run" in first.stderr
+    # the evaluations' own summary line, from the outcomes eval.py recorded
+    assert re.search(r"worker \S+, evaluations: completed 2, skipped as done 0, held by another worker 0, failed 0",
+                     first.stderr), first.stderr[-2000:]
+    evals = sorted((tmp_path / "runs" / "eval").rglob("results.json"))
+    assert len(evals) == 2 and all(json.loads(p.read_text())["status"] == "completed" for p in evals)
+    before = {p: p.read_bytes() for p in evals}
+    again = _cli("pcdeq.reproduce", *args)
+    assert again.returncode == 0 and "evaluation:" not in again.stderr  # planned as done: nothing launched
+    assert {p: p.read_bytes() for p in evals} == before
 
 
 @pytest.mark.parametrize("launcher", ["joblib", pytest.param("submitit_local", marks=pytest.mark.slow)])

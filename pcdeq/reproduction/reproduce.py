@@ -116,7 +116,8 @@ def eval_commands(jobs: list[EvalJob], profile: Profile, launcher: str, num_thre
         for s in settings:
             out = profile.root / "eval" / source.parent.name / source.name
             cmds.append([sys.executable, str(PROJECT_ROOT / "eval.py"), "-m",
-                         f"ckpt_path='{source / 'checkpoints' / 'last.ckpt'}'", *s, f"num_threads={num_threads}",
+                         f"ckpt_path='{source / 'checkpoints' / 'last.ckpt'}'", *s, "skip_if_done=true",
+                         f"num_threads={num_threads}",
                          *[e for e in extra if e.startswith(("trainer", "hydra"))], *_hydra_args(launcher, out)])
     return cmds
 
@@ -151,8 +152,8 @@ def worker_log(root: Path, dry_run: bool) -> Iterator[tuple[dict[str, str] | Non
         path.unlink(missing_ok=True)
 
 
-def worker_summary(keys: Sequence[str], outcomes: dict[str, str], done_before: int) -> str:
-    """This worker's one summary line: what became of each run it set out to train.
+def worker_summary(keys: Sequence[str], outcomes: dict[str, str], done_before: int, what: str = "") -> str:
+    """This worker's one summary line: what became of each run it set out to train (or evaluate: ``what``).
 
     ``done_before``: the runs already complete when it planned (never launched).
     """
@@ -163,7 +164,7 @@ def worker_summary(keys: Sequence[str], outcomes: dict[str, str], done_before: i
     shown = ", ".join(f"{label} {n}" for label, n in counts.items() if n or label in SUMMARY[:4])
     held = (" (held runs are finished by the workers holding them; run make tables once all have ended)"
             if counts["held by another worker"] else "")
-    return f"worker {platform.node()}:{os.getpid()}: {shown}{held}"
+    return f"worker {platform.node()}:{os.getpid()}{', ' + what if what else ''}: {shown}{held}"
 
 
 def reproduce(tables: Iterable[str], profile: Profile, launcher: str = "basic", tag: str | None = None,
@@ -201,17 +202,21 @@ def reproduce(tables: Iterable[str], profile: Profile, launcher: str = "basic", 
                                                                                num_threads, extra))
         if not dry_run:
             log.info("%s", worker_summary([job.key for job in pending], outcomes(), len(wanted) - len(pending)))
-    index = index_runs(profile.root)
-    todo: list[EvalJob] = []
-    for spec in specs:
-        evals, missing = eval_jobs(spec, profile, index, tag)
-        for line in missing:
-            log.warning("%s: %s", spec.name, line)
-        todo += [job for _, job in evals if find_eval(index, job) is None]
-    if todo:
-        log.info("evaluation: %d jobs to run", len(todo))
-        failures += sum(_run(cmd, dry_run) != 0 for cmd in eval_commands(todo, profile, launcher, num_threads,
-                                                                          extra))
+        index = index_runs(profile.root)
+        todo: list[EvalJob] = []
+        for spec in specs:
+            evals, missing = eval_jobs(spec, profile, index, tag)
+            for line in missing:
+                log.warning("%s: %s", spec.name, line)
+            todo += [job for _, job in evals if find_eval(index, job) is None]
+        if todo:
+            log.info("evaluation: %d jobs to run", len(todo))
+            failures += sum(_run(cmd, dry_run, env) != 0 for cmd in eval_commands(todo, profile, launcher,
+                                                                                   num_threads, extra))
+            if not dry_run:  # eval.py records its outcomes under the evaluation's own run_key ("eval:...")
+                done = outcomes()
+                log.info("%s", worker_summary([k for k in done if k.startswith("eval:")], done, 0,
+                                              what="evaluations"))
     return failures
 
 
