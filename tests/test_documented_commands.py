@@ -118,3 +118,17 @@ def test_documented_command_exists(where: str, command: str) -> None:
     assert (ROOT / script).is_file(), f"{where}: `{command}`: no file {script}"
     if script in ("train.py", "eval.py"):
         _check_entry_point(script, words[2:])
+
+
+def test_readme_python_runs_and_its_parameter_counts_hold() -> None:
+    """The README's Python example runs as written, and a count in a comment (``net = ...  # 164,760 ...``) is the
+    named model's number of parameters."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert blocks, "the README shows no Python example"
+    for code in blocks:
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)
+        claims = re.findall(r"^(\w+) = .*#\s*(\d{1,3}(?:,\d{3})+)\b", code, re.M)
+        assert claims, "the README's example states no parameter count to check"
+        for name, count in claims:
+            assert sum(p.numel() for p in scope[name].parameters()) == int(count.replace(",", "")), name
