@@ -1,4 +1,5 @@
-"""Ad-hoc tables from the user's own sweeps: real tiny multiruns of train.py and eval.py, aggregated by the CLI.
+"""Ad-hoc tables from the user's own sweeps: real tiny multiruns of train.py and eval.py, aggregated by the CLI
+(all three run in process, through their own ``__main__`` blocks).
 
 The oracle for every statistic is each run's own results.json, grouped here by hand from its overrides.
 """
@@ -10,24 +11,37 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pcdeq.reproduction.adhoc import configuration_frame, infer_keys, sort_key
 from pcdeq.results import write_results
+from tests.helpers import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset=digits", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "num_threads=1",
         "dataset.num_workers=0"]
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _in_process(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python script args`` run inside this process (tests.helpers.run_entry_point: no Python start), with wandb
+    off; the environment and torch's thread count are restored afterwards."""
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "PYTHONWARNINGS")}
+    threads = torch.get_num_threads()
+    os.environ.update(WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    try:
+        status, stderr = run_entry_point(script, *args)
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([str(script), *args], status, "", stderr)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -46,18 +60,19 @@ def _override(res: dict, key: str) -> str:
 def sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One root: a pcDEQ sweep (activation x forward tolerance x 2 seeds), a monDEQ run, an eval sweep."""
     root = tmp_path_factory.mktemp("sweeps")
-    _ok(_cli("train.py", "-m", "model=pcdeq_linear", *TINY, "model.activation=tanh,sigmoid",
+    _ok(_in_process(ROOT / "train.py", "-m", "model=pcdeq_linear", *TINY, "model.activation=tanh,sigmoid",
              "solver.fwd_tol=1e-2,1e-4", "seed=0,1", f"hydra.sweep.dir={root / 'pcdeq'}"))
-    _ok(_cli("train.py", "-m", "model=mondeq_fc", *TINY, "seed=0", f"hydra.sweep.dir={root / 'mondeq'}"))
+    _ok(_in_process(ROOT / "train.py", "-m", "model=mondeq_fc", *TINY, "seed=0", f"hydra.sweep.dir={root / 'mondeq'}"))
     source = next(r for r in _results(root / "pcdeq") if _override(r, "model.activation") == "tanh"
                   and float(_override(r, "solver.fwd_tol")) == 1e-4 and r["seed"] == 0)
-    _ok(_cli("eval.py", "-m", f"ckpt_path={source['run_dir']}/checkpoints/last.ckpt", "solver.fwd_tol=1e-1,1e-3",
-             "num_threads=1", f"hydra.sweep.dir={root / 'eval'}"))
+    _ok(_in_process(ROOT / "eval.py", "-m", f"ckpt_path={source['run_dir']}/checkpoints/last.ckpt",
+                    "solver.fwd_tol=1e-1,1e-3", "num_threads=1", f"hydra.sweep.dir={root / 'eval'}"))
     return root
 
 
 def _aggregate(root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return _cli("-m", "pcdeq.aggregate", "--root", str(root), "--out", str(out), *args)
+    """``python -m pcdeq.aggregate --root root --out out args``, in process."""
+    return _in_process(ROOT / "pcdeq" / "aggregate.py", "--root", str(root), "--out", str(out), *args)
 
 
 def test_sweep_gives_one_row_per_configuration_with_the_runs_statistics(sweeps: Path, tmp_path: Path) -> None:

@@ -194,6 +194,16 @@ def test_bad_input_gives_one_clear_message(tmp_path: Path, monkeypatch: pytest.M
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("*.ckpt"))
 
 
+def _train_tiny_in_process(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-epoch checkpoint to test against, trained by train.py in process (no Python start)."""
+    monkeypatch.setenv("PCDEQ_LOG_DIR", str(run.parent))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    status, stderr = run_entry_point(ROOT / "train.py", "model=pcdeq_linear", "model.channels=8",
+                                     "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                     "test_every_epoch=false", f"hydra.run.dir={run}")
+    assert status == 0, stderr[-3000:]
+
+
 def test_eval_missing_checkpoint(tmp_path: Path) -> None:
     proc = cli("eval.py", f"ckpt_path={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'ev'}",
                log_dir=tmp_path)
@@ -205,8 +215,7 @@ def test_eval_bad_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     import torch
 
     run = tmp_path / "run"
-    ok(cli("train.py", "model=pcdeq_linear", "model.channels=8", "trainer.max_epochs=1", "num_threads=1",
-           "trainer.limit_train_batches=2", "test_every_epoch=false", f"hydra.run.dir={run}", log_dir=tmp_path))
+    _train_tiny_in_process(run, monkeypatch)
     good = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(good, weights_only=True)  # checkpoints hold plain values only
     (tmp_path / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
@@ -224,10 +233,9 @@ def test_eval_bad_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert not (tmp_path / name / "results.json").exists()
 
 
-def test_resume_from_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+def test_resume_from_a_checkpoint_of_another_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
-    ok(cli("train.py", "model=pcdeq_linear", "model.channels=8", "trainer.max_epochs=1", "num_threads=1",
-           "trainer.limit_train_batches=2", "test_every_epoch=false", f"hydra.run.dir={run}", log_dir=tmp_path))
+    _train_tiny_in_process(run, monkeypatch)
     proc = cli("train.py", "model=pcdeq_conv", "dataset=mnist", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
                f"hydra.run.dir={tmp_path / 'b'}", log_dir=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -236,12 +244,20 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     assert "fix: run with the checkpoint's settings (model=pcdeq_linear dataset=digits" in proc.stderr
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    common = ["model=pcdeq_linear", "num_threads=1", "trainer.deterministic=true"]
-    ok(cli("train.py", *common, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'full'}", log_dir=tmp_path))
-    ok(cli("train.py", *common, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}", log_dir=tmp_path))
-    ok(cli("train.py", *common, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
-           f"hydra.run.dir={tmp_path / 'b'}", log_dir=tmp_path))
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # in process (tests.helpers.run_entry_point): the same train.py, three runs without three Python starts
+    monkeypatch.setenv("PCDEQ_LOG_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    common = ["model=pcdeq_linear", "trainer.deterministic=true"]
+
+    def train(*args: str) -> None:
+        status, stderr = run_entry_point(ROOT / "train.py", *common, *args)
+        assert status == 0, stderr[-3000:]
+
+    train("trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'full'}")
+    train("trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}")
+    train("trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+          f"hydra.run.dir={tmp_path / 'b'}")
     full, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "b"))
     assert resumed["epochs"] == full["epochs"] == 3
     assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-5)
