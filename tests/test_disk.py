@@ -362,6 +362,8 @@ def test_aggregator_on_a_full_disk_keeps_the_previous_tables(how: str, tmp_path:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}/")
     assert "No space left on device (ENOSPC; " in lines[0]
+    assert lines[0].endswith("fix: free space on that filesystem, or write the tables elsewhere with --out DIR, "
+                             "then run the command again")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # every previous file, whole
 
 

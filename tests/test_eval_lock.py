@@ -6,6 +6,7 @@ of a lock is a real second process, since the lock is the kernel's.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,10 @@ def test_skip_if_done_leaves_a_completed_evaluation_byte_identical_and_runs_anot
     assert status == 0 and _log(run).count("already completed") == 1, stderr[-3000:]
     assert (run / "results.json").read_bytes() != first
     assert sorted(read_outcomes(worklog).values()) == ["completed", "done"]
+    # the same tolerance on other data (synthetic=true) is another evaluation too: it runs, under its own key
+    status, stderr = _eval(ckpt, run, "solver.fwd_tol=1e-3", "synthetic=true", "skip_if_done=true")
+    assert status == 0 and _log(run).count("already completed") == 1, stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["run_key"].endswith("|solver.fwd_tol=0.001,synthetic=True")
 
 
 def test_skip_if_done_skips_an_evaluation_another_process_holds(ckpt: Path, tmp_path: Path,

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcdeq.disk import DiskFullError
 from pcdeq.errors import ConfigError, PcdeqUserError
 from pcdeq.reproduction.adhoc import AdhocTable, build_adhoc, check_metrics, metric_value
 from pcdeq.reproduction.plan import RunIndex, eval_jobs, find_eval, index_runs, train_jobs
@@ -572,6 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = list_specs() if every else [t for t in args.tables.split(",") if t]
         aggregate(tables, load_profile(args.profile), args.root, out, command.strip(), not args.no_plots,
                   keys(args.group_by), keys(args.metric), args.name, only_with_runs=every)
+    except DiskFullError as e:  # the previous tables are still whole (atomic writes); say where else they can go
+        fix = "free space on that filesystem, or write the tables elsewhere with --out DIR, then run the command again"
+        print(f"error: {e.with_fix(fix)}", file=sys.stderr)
+        return 2
     except PcdeqUserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

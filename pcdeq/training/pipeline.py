@@ -421,11 +421,18 @@ def _source_run_key(ckpt: Path) -> str | None:
         return None
 
 
-def eval_run_key(ckpt: Path, solver_overrides: dict[str, Any]) -> str:
-    """An evaluation's identity: the training run it evaluates (its checkpoint path if unknown) and the solver
-    settings it replaces, e.g. ``eval:pcdeq_linear_mnist/seed=0|solver.fwd_tol=0.01``."""
-    tail = ",".join(f"solver.{k}={v}" for k, v in sorted(solver_overrides.items()))
-    return f"eval:{_source_run_key(ckpt) or ckpt}|{tail}"
+# eval.py's dataset keys that change what an evaluation computes (data_dir, download, num_workers only say where
+# the same data come from and how they are read)
+EVAL_DATA_IDENTITY = ("synthetic", "batch_size")
+
+
+def eval_run_key(ckpt: Path, solver_overrides: dict[str, Any], data_overrides: dict[str, Any] | None = None) -> str:
+    """An evaluation's identity: the training run it evaluates (its checkpoint path if unknown), the solver
+    settings it replaces and the :data:`EVAL_DATA_IDENTITY` keys it sets, e.g.
+    ``eval:pcdeq_linear_mnist/seed=0|solver.fwd_tol=0.01`` or ``...|solver.fwd_tol=0.01,synthetic=True``."""
+    parts = [f"solver.{k}={v}" for k, v in sorted(solver_overrides.items())]
+    parts += [f"{k}={v}" for k, v in sorted((data_overrides or {}).items())]
+    return f"eval:{_source_run_key(ckpt) or ckpt}|{','.join(parts)}"
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -443,7 +450,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt} (pass ckpt_path=<run dir>/checkpoints/last.ckpt)")
     solver_overrides = _solver_overrides(cfg)
-    key = eval_run_key(ckpt, solver_overrides)
+    key = eval_run_key(ckpt, solver_overrides, {k: cfg[k] for k in EVAL_DATA_IDENTITY if cfg.get(k) is not None})
     run_dir = Path(cfg.paths.output_dir)
     skip = bool(cfg.get("skip_if_done"))
     return run_exclusively(run_dir, key, skip,
