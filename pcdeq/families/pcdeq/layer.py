@@ -27,6 +27,7 @@ The untracked iterations write their sums and activations in place (``inplace``)
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -164,7 +165,8 @@ class PcDEQLayer(nn.Module):
         self.last_stats: dict[str, SolverStats] = {}
         self.last_fixed_point: tuple[Tensor, Tensor] | None = None
         self._previous: dict[str, int] = {}  # iterations of the last solve of each kind (check="prior")
-        self._weight_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        # (versions, dtype, device, data pointers), the tensors g and v (weakly), and W made from them
+        self._weight_cache: tuple[tuple[Any, ...], weakref.ref, weakref.ref, Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -279,10 +281,13 @@ class PcDEQLayer(nn.Module):
         """
         g, v = self.W.g, self.W.v
         key = (g._version, v._version, g.data_ptr(), v.data_ptr(), g.dtype, g.device)
-        if self._weight_cache is None or self._weight_cache[0] != key:
+        cache = self._weight_cache
+        # the tensors' identity as well: a new tensor (torch.func.functional_call's) can reuse a freed one's memory
+        # with the same version counter, so pointers and versions alone can match another tensor's
+        if cache is None or cache[0] != key or cache[1]() is not g or cache[2]() is not v:
             with torch.no_grad():
-                self._weight_cache = (key, self.W.weight())
-        return self._weight_cache[1]
+                self._weight_cache = cache = (key, weakref.ref(g), weakref.ref(v), self.W.weight())
+        return cache[3]
 
     # ---------------------------------------------------------------- forward
 
